@@ -1,0 +1,108 @@
+"""Trainer state on disk: what a killed stage needs to continue exactly.
+
+Layout of `<stage>/state/`: `model.safetensors` (all weights), `optimizer.pt`,
+`trainer_state.json` (phase, step, RNG states, running counters). A save goes to a
+fresh folder first and is swapped in with renames, so a SIGKILL at any moment
+leaves either the old state or the new one, never half of each.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_model as st_load_model
+from safetensors.torch import save_model as st_save_model
+
+
+@dataclass
+class TrainerState:
+    phase: int = 0  # index of the phase in progress
+    step: int = 0  # optimizer steps done in that phase
+    global_step: int = 0  # optimizer steps done in the stage
+    tokens: int = 0  # target tokens trained on so far
+    skipped: int = 0  # samples skipped for a bad image (on_bad_image: skip)
+    complete: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _rng_state() -> dict[str, Any]:
+    st = {"python": random.getstate(), "torch": torch.get_rng_state().tolist()}
+    if torch.cuda.is_available():
+        st["cuda"] = [s.tolist() for s in torch.cuda.get_rng_state_all()]
+    return st
+
+
+def _set_rng_state(st: dict[str, Any]) -> None:
+    py = st["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    torch.set_rng_state(torch.tensor(st["torch"], dtype=torch.uint8))
+    if "cuda" in st and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in st["cuda"]])
+
+
+def save_state(state_dir: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None, state: TrainerState) -> None:
+    state_dir = Path(state_dir)
+    tmp = state_dir.with_name(state_dir.name + ".tmp")
+    old = state_dir.with_name(state_dir.name + ".old")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    st_save_model(model, str(tmp / "model.safetensors"))
+    if optimizer is not None:
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    (tmp / "trainer_state.json").write_text(json.dumps({**asdict(state), "rng": _rng_state()}))
+    _fsync_dir(tmp)
+    if state_dir.exists():
+        if old.exists():
+            shutil.rmtree(old)
+        os.replace(state_dir, old)
+    os.replace(tmp, state_dir)
+    if old.exists():
+        shutil.rmtree(old)
+
+
+def _fsync_dir(d: Path) -> None:
+    for f in d.iterdir():
+        with open(f, "rb") as fh:
+            os.fsync(fh.fileno())
+
+
+def find_state(state_dir: Path) -> Path | None:
+    """The newest complete state folder, including one left as `.old` by a kill mid-swap."""
+    state_dir = Path(state_dir)
+    for cand in (state_dir, state_dir.with_name(state_dir.name + ".old")):
+        if (cand / "trainer_state.json").is_file() and (cand / "model.safetensors").is_file():
+            return cand
+    return None
+
+
+def load_state(state_dir: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None, *, restore_rng: bool = True) -> TrainerState | None:
+    found = find_state(state_dir)
+    if found is None:
+        return None
+    raw = json.loads((found / "trainer_state.json").read_text())
+    rng = raw.pop("rng", None)
+    state = TrainerState(**raw)
+    st_load_model(model, str(found / "model.safetensors"))
+    if optimizer is not None and (found / "optimizer.pt").is_file():
+        optimizer.load_state_dict(torch.load(found / "optimizer.pt", weights_only=True))
+    if restore_rng and rng:
+        _set_rng_state(rng)
+    return state
+
+
+def read_state(state_dir: Path) -> TrainerState | None:
+    """The trainer state without touching any model (to know where a stage stands)."""
+    found = find_state(state_dir)
+    if found is None:
+        return None
+    raw = json.loads((found / "trainer_state.json").read_text())
+    raw.pop("rng", None)
+    return TrainerState(**raw)

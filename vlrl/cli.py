@@ -1,0 +1,162 @@
+"""The `vlrl` command line.
+
+User errors (VlrlError) print as one red line and exit 2, with no traceback;
+anything else is a bug and keeps its traceback. Heavy imports (torch, transformers)
+happen inside commands so `vlrl validate` and `--help` stay fast.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+
+from vlrl.errors import VlrlError
+
+app = typer.Typer(
+    help="vlrl: recipe-driven post-training for vision-language models (pretrain, SFT, GRPO).",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+model_app = typer.Typer(help="Build models.", no_args_is_help=True)
+data_app = typer.Typer(help="Make datasets.", no_args_is_help=True)
+app.add_typer(model_app, name="model")
+app.add_typer(data_app, name="data")
+
+# Sub-command groups owned by other packages, mounted when importable.
+SUBCOMMANDS = {"rewards": ("rewards.cli", "app", "Reward plugins: list and test.")}
+
+console = Console()
+err_console = Console(stderr=True)
+
+OverridesArg = typer.Argument(None, help="dotted overrides, e.g. pretrain.optim.lr=3e-4 device=cpu")
+
+
+@app.command()
+def validate(recipe: Path, overrides: Optional[list[str]] = OverridesArg) -> None:
+    """Check a recipe (keys, types, stage references) without running anything."""
+    from vlrl.recipe import BUILT_KINDS, load_recipe
+
+    r = load_recipe(recipe, overrides or [])
+    console.print(f"[green]ok[/]: {recipe} — {len(r.stages)} stage(s): " + " -> ".join(f"{n} ({s.kind})" for n, s in r.stages.items()))
+    for n, s in r.stages.items():
+        if s.kind not in BUILT_KINDS:
+            console.print(f"[yellow]note[/]: stage {n!r} has kind {s.kind!r}, which is not available yet in this version; `vlrl run` will stop there")
+
+
+@app.command()
+def run(
+    recipe: Path,
+    overrides: Optional[list[str]] = OverridesArg,
+    force: list[str] = typer.Option([], "--force", help="rerun this stage even if complete (old output is kept aside)"),
+) -> None:
+    """Run every stage of a recipe in order; complete stages are skipped, an interrupted one resumes."""
+    from vlrl.recipe import load_recipe
+    from vlrl.runner import run_recipe
+
+    r = load_recipe(recipe, overrides or [])
+    unknown = [f for f in force if f not in r.stages]
+    if unknown:
+        raise VlrlError(f"--force {unknown[0]!r}: no such stage (stages: {', '.join(r.stages)})")
+    run_recipe(r, console=console, force=force)
+    console.print(f"[green]done[/]: {r.base_dir()}")
+
+
+@app.command()
+def stage(name: str, recipe: Path, overrides: Optional[list[str]] = OverridesArg) -> None:
+    """Run one stage of a recipe (its inputs must be complete)."""
+    from vlrl.recipe import load_recipe
+    from vlrl.runner import run_stage
+
+    r = load_recipe(recipe, overrides or [])
+    if name not in r.stages:
+        raise VlrlError(f"{recipe}: no stage named {name!r} (stages: {', '.join(r.stages)})")
+    run_stage(r, name, console=console)
+
+
+@model_app.command("init")
+def model_init(
+    out: Path = typer.Option(..., "--out", help="folder for the Hugging Face checkpoint"),
+    preset: str = typer.Option("tiny", "--preset"),
+    seed: int = typer.Option(0, "--seed"),
+    corpus_size: int = typer.Option(20000, "--corpus-size", help="synthetic texts for the tokenizer"),
+) -> None:
+    """Build the in-repo tiny Qwen2.5-VL model (tokenizer trained on the synthetic corpus)."""
+    from vlrl.data.synth import corpus_texts
+    from vlrl.model.loading import count_parameters, load_model
+    from vlrl.model.tiny import init_tiny_model
+
+    init_tiny_model(out, corpus_texts(seed, corpus_size), preset=preset, seed=seed)
+    console.print(f"[green]ok[/]: {out} {count_parameters(load_model(out, device='cpu'))}")
+
+
+@data_app.command("make")
+def data_make(
+    out: Path = typer.Option(..., "--out"),
+    seed: int = typer.Option(0, "--seed"),
+    n: int = typer.Option(4000, "--n", help="train records"),
+    n_eval: int = typer.Option(300, "--n-eval", help="held-out eval records"),
+    fmt: str = typer.Option("jsonl", "--format", help="jsonl or parquet"),
+) -> None:
+    """Write the synthetic task world (perception, reasoning, text) with train and eval splits."""
+    from vlrl.data.synth import make_dataset
+
+    if fmt not in ("jsonl", "parquet"):
+        raise VlrlError(f"--format {fmt!r}: expected jsonl or parquet")
+    manifest = make_dataset(out, seed=seed, n=n, n_eval=n_eval, fmt=fmt)
+    console.print(f"[green]ok[/]: {out} {manifest.get('counts', '')}")
+
+
+@app.command("eval")
+def eval_cmd(
+    model: Path = typer.Option(..., "--model", help="checkpoint folder"),
+    data: Path = typer.Option(..., "--data", help="dataset folder or a .jsonl/.parquet file"),
+    split: str = typer.Option("eval", "--split"),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="write the report as JSON"),
+    limit: Optional[int] = typer.Option(None, "--limit"),
+    batch_size: int = typer.Option(32, "--batch-size"),
+    max_new_tokens: int = typer.Option(64, "--max-new-tokens"),
+    device: str = typer.Option("auto", "--device"),
+) -> None:
+    """Greedy-decode the held-out set and print accuracy by family and difficulty."""
+    from vlrl.data.io import split_path
+    from vlrl.device import resolve_device
+    from vlrl.eval import evaluate, render_table
+
+    data_file = data if data.is_file() else split_path(data, split)
+    report = evaluate(model, data_file, batch_size=batch_size, max_new_tokens=max_new_tokens, limit=limit, device=resolve_device(device).kind)
+    console.print(render_table(report))
+    if json_out:
+        report.to_json(json_out)
+
+
+def _mount_subcommands() -> None:
+    for name, (module, attr, help_text) in SUBCOMMANDS.items():
+        if importlib.util.find_spec(module) is None:
+            continue  # that package is not installed; its commands are simply absent
+        sub = getattr(importlib.import_module(module), attr)
+        app.add_typer(sub, name=name, help=help_text)
+
+
+_mount_subcommands()
+
+
+def main() -> None:
+    try:
+        app()
+    except VlrlError as e:
+        err_console.print(f"[bold red]error[/]: {e}", soft_wrap=True, highlight=False)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        err_console.print("[yellow]interrupted[/]: rerun the same command to resume")
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,346 @@
+"""The recipe: one YAML file that chains every stage of a post-training run.
+
+Each stage is a pydantic model with `extra="forbid"`, so a misspelt key fails at
+`vlrl validate`, before any compute is spent. The stage configs live here, in the
+kernel, rather than in each component, because the runner must validate the whole
+chain (every `from:` and `data:` reference) without importing trainers.
+
+Errors are one line: `recipe.yaml: stages.pretrain.phases.0.lr: got 'abc', expected a
+number`. The recipe is never mutated after validation; overrides are applied to the
+raw mapping first and validated together with it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from vlrl.errors import RecipeError
+
+STAGE_KINDS = ("data", "model", "pretrain", "sft", "rl", "merge", "eval")
+BUILT_KINDS = ("data", "model", "pretrain", "eval")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+
+# --------------------------------------------------------------------------- shared parts
+
+
+class EvalSpec(_Strict):
+    """Greedy eval on a held-out split; every training stage ends with it."""
+
+    data: str | None = Field(None, description="data stage name or dataset folder; default: the recipe's eval.data")
+    split: str = "eval"
+    limit: int | None = Field(None, ge=1, description="evaluate at most this many records")
+    batch_size: int = Field(32, ge=1)
+    max_new_tokens: int = Field(64, ge=1)
+
+
+class TrackingSpec(_Strict):
+    """Metrics always go to metrics.jsonl; these add other sinks."""
+
+    tensorboard: bool = True
+    wandb: bool = False  # offline mode unless WANDB_MODE says otherwise
+    mlflow: bool = False  # file store under the run directory
+
+
+class OptimSpec(_Strict):
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.01, ge=0)
+    betas: tuple[float, float] = (0.9, 0.95)
+    schedule: Literal["cosine", "wsd", "constant"] = "cosine"
+    warmup_steps: int = Field(20, ge=0)
+    min_lr_ratio: float = Field(0.1, ge=0, le=1)
+    decay_ratio: float = Field(0.2, gt=0, le=1, description="WSD: share of steps spent decaying")
+    grad_clip: float | None = Field(1.0, gt=0)
+
+
+class DataSelect(_Strict):
+    """Which records of the train split a phase draws from."""
+
+    families: list[Literal["perception", "reasoning", "text"]] | None = None
+    tasks: list[str] | None = None
+    difficulty: tuple[int, int] = (1, 5)
+    weights: dict[str, float] | None = Field(None, description="sampling weight per family (default: as in the data)")
+
+
+# --------------------------------------------------------------------------- stages
+
+
+class _StageBase(_Strict):
+    kind: str
+    eval: EvalSpec | bool | None = Field(None, description="eval after the stage; None = recipe default, false = off")
+
+
+class DataStage(_StageBase):
+    """Makes the synthetic task world, or points at an existing dataset folder."""
+
+    kind: Literal["data"] = "data"
+    path: str | None = Field(None, description="an existing dataset folder (train.* and eval.*) instead of generating one")
+    seed: int = 0
+    n: int = Field(4000, ge=1, description="train records")
+    n_eval: int = Field(300, ge=1, description="held-out eval records")
+    format: Literal["jsonl", "parquet"] = "jsonl"
+    mix: dict[str, float] | None = Field(None, description="share of each family in the generated data")
+
+
+class ModelStage(_StageBase):
+    """Builds the in-repo tiny model, or points at a local Hugging Face checkpoint."""
+
+    kind: Literal["model"] = "model"
+    preset: str = "tiny"
+    path: str | None = Field(None, description="a local checkpoint folder (e.g. Qwen2.5-VL-3B-Instruct) instead of a tiny model")
+    corpus_size: int = Field(20000, ge=100, description="texts for training the tiny tokenizer")
+    seed: int = 0
+
+
+class Phase(_Strict):
+    """One pretraining phase (MindVL-style): which parameters train, on which data."""
+
+    name: str
+    trainable: Literal["all", "language", "vision", "vision+projector", "projector"] = "all"
+    select: DataSelect = Field(default_factory=DataSelect)
+    loss_on: Literal["all", "assistant"] = "assistant"
+    steps: int = Field(..., ge=1)
+    batch_size: int | None = Field(None, ge=1)
+    optim: OptimSpec | None = None  # None = the stage's optim
+
+
+class PretrainStage(_StageBase):
+    kind: Literal["pretrain"] = "pretrain"
+    from_: str = Field(..., alias="from")
+    data: str
+    phases: list[Phase] = Field(..., min_length=1)
+    batch_size: int = Field(16, ge=1)
+    grad_accum: int = Field(1, ge=1)
+    max_length: int = Field(256, ge=8)
+    optim: OptimSpec = Field(default_factory=OptimSpec)
+    checkpoint_every: int = Field(100, ge=1, description="steps between resumable checkpoints")
+    log_every: int = Field(10, ge=1)
+    on_bad_image: Literal["error", "skip"] = "error"
+    seed: int | None = None
+
+
+class _PlannedStage(_StageBase):
+    """Stage kinds the schema knows but this version cannot run yet."""
+
+    model_config = ConfigDict(extra="allow", populate_by_name=True)
+    from_: str | None = Field(None, alias="from")
+    data: str | None = None
+
+
+class SftStage(_PlannedStage):
+    kind: Literal["sft"] = "sft"
+
+
+class RlStage(_PlannedStage):
+    kind: Literal["rl"] = "rl"
+
+
+class MergeStage(_PlannedStage):
+    kind: Literal["merge"] = "merge"
+
+
+class EvalStage(_StageBase):
+    kind: Literal["eval"] = "eval"
+    from_: str = Field(..., alias="from")
+    data: str | None = None
+    split: str = "eval"
+    limit: int | None = Field(None, ge=1)
+    batch_size: int = Field(32, ge=1)
+    max_new_tokens: int = Field(64, ge=1)
+
+
+Stage = Annotated[
+    Union[DataStage, ModelStage, PretrainStage, SftStage, RlStage, MergeStage, EvalStage],
+    Field(discriminator="kind"),
+]
+
+
+class Recipe(_Strict):
+    name: str
+    run_dir: str | None = Field(None, description="default: runs/<name>, relative to the recipe's working directory")
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda", "npu"] = "auto"
+    threads: int | None = Field(None, ge=1, description="torch intra-op threads (default: all cores)")
+    tracking: TrackingSpec = Field(default_factory=TrackingSpec)
+    eval: EvalSpec = Field(default_factory=EvalSpec)
+    stages: dict[str, Stage]
+
+    @model_validator(mode="before")
+    @classmethod
+    def _kind_defaults_to_name(cls, data: Any) -> Any:
+        if isinstance(data, dict) and isinstance(data.get("stages"), dict):
+            stages = {}
+            for name, st in data["stages"].items():
+                if isinstance(st, dict) and "kind" not in st and name in STAGE_KINDS:
+                    st = {"kind": name, **st}
+                stages[name] = st
+            data = {**data, "stages": stages}
+        return data
+
+    # ---- derived, never stored back into the recipe
+
+    def stage_names(self) -> list[str]:
+        return list(self.stages)
+
+    def base_dir(self, cwd: Path | None = None) -> Path:
+        base = Path(self.run_dir) if self.run_dir else Path("runs") / self.name
+        return base if base.is_absolute() else (cwd or Path.cwd()) / base
+
+    def stage_fingerprint(self, name: str) -> str:
+        """Hash of a stage's config: a completed stage whose config changed is reported, not silently reused."""
+        blob = json.dumps(self.stages[name].model_dump(mode="json", by_alias=True), sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _fmt_loc(loc: tuple[Any, ...], raw: dict) -> str:
+    """Dotted key path, without the discriminator tag pydantic inserts for stages."""
+    parts = list(loc)
+    if len(parts) >= 3 and parts[0] == "stages" and parts[2] in STAGE_KINDS:
+        st = raw.get("stages", {}).get(parts[1]) if isinstance(raw.get("stages"), dict) else None
+        kind = (st or {}).get("kind", parts[1]) if isinstance(st, dict) else None
+        if parts[2] == kind:
+            del parts[2]
+    return ".".join(str(p) for p in parts)
+
+
+def _expected(err: dict) -> str:
+    t = err["type"]
+    if t == "extra_forbidden":
+        return "unknown key"
+    if t == "missing":
+        return "missing required key"
+    if t == "union_tag_invalid":
+        return f"unknown stage kind; expected one of {', '.join(STAGE_KINDS)}"
+    if t == "union_tag_not_found":
+        return f"stage needs a 'kind' (one of {', '.join(STAGE_KINDS)})"
+    return err["msg"][0].lower() + err["msg"][1:]
+
+
+def _format_validation(e: ValidationError, raw: dict, source: str) -> str:
+    errs = e.errors()
+    first = errs[0]
+    loc = _fmt_loc(first["loc"], raw)
+    got = ""
+    if first["type"] not in ("missing", "union_tag_not_found") and "input" in first:
+        val = first["input"]
+        if not isinstance(val, dict | list):
+            got = f" (got {val!r})"
+    more = f" [+{len(errs) - 1} more error(s)]" if len(errs) > 1 else ""
+    return f"{source}: {loc or '<top>'}: {_expected(first)}{got}{more}"
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    if "=" not in item:
+        raise RecipeError(f"override {item!r}: expected key.path=value (e.g. pretrain.optim.lr=3e-4)")
+    key, value = item.split("=", 1)
+    if not key:
+        raise RecipeError(f"override {item!r}: empty key")
+    return key.split("."), yaml.safe_load(value) if value != "" else ""
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    """Apply dotted `key=value` overrides to the raw recipe mapping (a deep copy).
+
+    A first key that names a stage is looked up under `stages`, so
+    `pretrain.optim.lr=3e-4` works as well as `stages.pretrain.optim.lr=3e-4`.
+    """
+    data = json.loads(json.dumps(raw))  # deep copy of plain YAML data
+    top_fields = set(Recipe.model_fields)
+    for item in overrides:
+        path, value = parse_override(item)
+        if path[0] not in top_fields and isinstance(data.get("stages"), dict) and path[0] in data["stages"]:
+            path = ["stages", *path]
+        node: Any = data
+        for i, key in enumerate(path[:-1]):
+            where = ".".join(path[: i + 1])
+            if isinstance(node, list):
+                if not key.isdigit() or int(key) >= len(node):
+                    raise RecipeError(f"override {item!r}: {where}: expected a list index below {len(node)}")
+                node = node[int(key)]
+            elif isinstance(node, dict):
+                node = node.setdefault(key, {})
+            else:
+                raise RecipeError(f"override {item!r}: {where}: is a value, not a section")
+        last = path[-1]
+        if isinstance(node, list):
+            if not last.isdigit() or int(last) >= len(node):
+                raise RecipeError(f"override {item!r}: expected a list index below {len(node)}")
+            node[int(last)] = value
+        elif isinstance(node, dict):
+            node[last] = value
+        else:
+            raise RecipeError(f"override {item!r}: {'.'.join(path[:-1])}: is a value, not a section")
+    return data
+
+
+def _check_references(recipe: Recipe, source: str) -> None:
+    """Every `from:` names an earlier stage that yields a model, every `data:` a data stage or folder."""
+    seen: dict[str, str] = {}
+    for name, st in recipe.stages.items():
+        refs: list[tuple[str, str | None, tuple[str, ...]]] = []
+        if hasattr(st, "from_"):
+            refs.append(("from", st.from_, ("model", "pretrain", "sft", "rl", "merge")))
+        if getattr(st, "data", None) is not None:
+            refs.append(("data", st.data, ("data",)))
+        ev = st.eval if isinstance(st.eval, EvalSpec) else None
+        if ev and ev.data:
+            refs.append(("eval.data", ev.data, ("data",)))
+        for key, ref, kinds in refs:
+            if ref is None:
+                continue
+            if ref in seen:
+                if seen[ref] not in kinds:
+                    raise RecipeError(
+                        f"{source}: stages.{name}.{key}: stage {ref!r} is a {seen[ref]} stage; expected one of kind {', '.join(kinds)}"
+                    )
+                continue
+            if ref in recipe.stages:
+                raise RecipeError(f"{source}: stages.{name}.{key}: stage {ref!r} comes after {name!r}; a stage can only use earlier stages")
+            if not Path(ref).exists():
+                before = ", ".join(seen) or "none"
+                raise RecipeError(
+                    f"{source}: stages.{name}.{key}: {ref!r} is neither an earlier stage (earlier: {before}) nor an existing path"
+                )
+        seen[name] = st.kind
+    if recipe.eval.data is not None and recipe.eval.data not in seen and not Path(recipe.eval.data).exists():
+        raise RecipeError(f"{source}: eval.data: {recipe.eval.data!r} is neither a stage nor an existing path")
+
+
+def validate_recipe(raw: Any, source: str = "<recipe>") -> Recipe:
+    if not isinstance(raw, dict):
+        raise RecipeError(f"{source}: expected a mapping at the top level, got {type(raw).__name__}")
+    try:
+        recipe = Recipe.model_validate(raw)
+    except ValidationError as e:
+        raise RecipeError(_format_validation(e, raw, source)) from None
+    _check_references(recipe, source)
+    return recipe
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(f"{path}: recipe file not found")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise RecipeError(f"{path}:{where}: not valid YAML ({getattr(e, 'problem', e)})") from None
+    if overrides:
+        if not isinstance(raw, dict):
+            raise RecipeError(f"{path}: expected a mapping at the top level")
+        raw = apply_overrides(raw, overrides)
+    return validate_recipe(raw, str(path))

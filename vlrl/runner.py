@@ -1,0 +1,184 @@
+"""Runs a recipe's stages in order, skipping the complete ones.
+
+A stage is complete when its folder holds DONE.json (written last, atomically);
+an interrupted stage has no DONE.json and is run again, and the stage itself
+resumes from its own last checkpoint. Stage implementations are looked up by
+kind as `module:function` strings so the kernel never imports trainer code.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from rich.console import Console
+
+from vlrl.device import DeviceSpec, resolve_device
+from vlrl.errors import NotAvailableYet, VlrlError
+from vlrl.recipe import BUILT_KINDS, DataStage, EvalSpec, EvalStage, Recipe
+from vlrl.tracking import Tracker
+
+STAGE_IMPLS: dict[str, str] = {
+    "data": "vlrl.stages:run_data",
+    "model": "vlrl.stages:run_model",
+    "pretrain": "sft.pretrain:run_stage",
+    "eval": "vlrl.stages:run_eval",
+}
+# Stages whose output is a checkpoint (and so end with an eval).
+MODEL_KINDS = ("model", "pretrain", "sft", "rl", "merge")
+
+
+@dataclass
+class StageContext:
+    """What a stage implementation gets: its config, its folder and its resolved inputs."""
+
+    recipe: Recipe
+    name: str
+    dir: Path
+    device: DeviceSpec
+    console: Console
+    inputs: dict[str, Path] = field(default_factory=dict)  # 'from' -> checkpoint dir, 'data' -> dataset dir
+
+    @property
+    def config(self) -> Any:
+        return self.recipe.stages[self.name]
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return self.dir / "checkpoint"
+
+    def tracker(self) -> Tracker:
+        return Tracker(self.dir, self.recipe.tracking, run_name=self.recipe.name, stage=self.name)
+
+    def seed(self) -> int:
+        own = getattr(self.config, "seed", None)
+        return self.recipe.seed if own is None else own
+
+
+def stage_output(recipe: Recipe, name: str, base: Path) -> Path:
+    """The folder a stage's consumers read: a dataset folder or a checkpoint folder."""
+    st = recipe.stages[name]
+    if isinstance(st, DataStage):
+        return Path(st.path) if st.path else base / name
+    if st.kind == "model" and getattr(st, "path", None):
+        return Path(st.path)
+    return base / name / "checkpoint"
+
+
+def _resolve(recipe: Recipe, ref: str | None, base: Path) -> Path | None:
+    if ref is None:
+        return None
+    if ref in recipe.stages:
+        return stage_output(recipe, ref, base)
+    return Path(ref)
+
+
+def resolve_inputs(recipe: Recipe, name: str, base: Path) -> dict[str, Path]:
+    st = recipe.stages[name]
+    inputs: dict[str, Path] = {}
+    for key, attr in (("from", "from_"), ("data", "data")):
+        p = _resolve(recipe, getattr(st, attr, None), base)
+        if p is not None:
+            inputs[key] = p
+    return inputs
+
+
+def eval_spec_for(recipe: Recipe, name: str) -> EvalSpec | None:
+    """The eval that closes a stage, or None (stage kind without a model, or eval: false)."""
+    st = recipe.stages[name]
+    if st.kind not in MODEL_KINDS or st.eval is False:
+        return None
+    spec = st.eval if isinstance(st.eval, EvalSpec) else recipe.eval
+    data = spec.data or recipe.eval.data or getattr(st, "data", None)
+    if data is None:
+        data = next((n for n, s in recipe.stages.items() if s.kind == "data"), None)
+    if data is None:
+        return None
+    return spec.model_copy(update={"data": data})
+
+
+def is_complete(stage_dir: Path) -> bool:
+    return (stage_dir / "DONE.json").is_file()
+
+
+def _write_json_atomic(path: Path, obj: Any) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2))
+    os.replace(tmp, path)
+
+
+def _load_impl(kind: str) -> Callable[[StageContext], dict]:
+    if kind not in STAGE_IMPLS:
+        built = ", ".join(BUILT_KINDS)
+        raise NotAvailableYet(f"stage kind {kind!r} is not available yet in this version of vlrl (available: {built})")
+    module, fn = STAGE_IMPLS[kind].split(":")
+    return getattr(importlib.import_module(module), fn)
+
+
+def _apply_threads(recipe: Recipe) -> None:
+    import torch
+
+    if recipe.threads:
+        torch.set_num_threads(recipe.threads)
+
+
+def run_stage(recipe: Recipe, name: str, *, console: Console | None = None, base: Path | None = None, require_inputs: bool = True) -> dict:
+    """Run one stage (resuming it if it was interrupted), then its eval; write DONE.json."""
+    console = console or Console()
+    base = base or recipe.base_dir()
+    stage_dir = base / name
+    st = recipe.stages[name]
+    impl = _load_impl(st.kind)
+    if require_inputs:
+        for ref_key, ref in (("from", getattr(st, "from_", None)), ("data", getattr(st, "data", None))):
+            if ref in recipe.stages and not is_complete(base / ref) and not getattr(recipe.stages[ref], "path", None):
+                raise VlrlError(f"stage {name!r} needs stage {ref!r} ({ref_key}), which is not complete; run `vlrl run` or `vlrl stage {ref}` first")
+    device = resolve_device(recipe.device)
+    _apply_threads(recipe)
+    stage_dir.mkdir(parents=True, exist_ok=True)
+    ctx = StageContext(recipe, name, stage_dir, device, console, resolve_inputs(recipe, name, base))
+    console.rule(f"[bold]stage {name}[/] ({st.kind})")
+    t0 = time.time()
+    summary = impl(ctx) or {}
+    spec = eval_spec_for(recipe, name)
+    if spec is not None:
+        from vlrl.stages import eval_checkpoint
+
+        data_dir = _resolve(recipe, spec.data, base)
+        summary["eval"] = eval_checkpoint(ctx, ctx.checkpoint_dir if st.kind != "model" or not getattr(st, "path", None) else Path(st.path), data_dir, spec)
+    done = {"stage": name, "kind": st.kind, "fingerprint": recipe.stage_fingerprint(name), "seconds": round(time.time() - t0, 1), "finished": time.time(), "summary": summary}
+    _write_json_atomic(stage_dir / "DONE.json", done)
+    return done
+
+
+def run_recipe(recipe: Recipe, *, console: Console | None = None, force: list[str] | None = None, only: list[str] | None = None) -> list[dict]:
+    """The whole chain: complete stages are skipped (a changed config is reported), others run."""
+    console = console or Console()
+    base = recipe.base_dir()
+    base.mkdir(parents=True, exist_ok=True)
+    (base / "recipe.resolved.json").write_text(recipe.model_dump_json(indent=2, by_alias=True))
+    results = []
+    for name in recipe.stages:
+        if only and name not in only:
+            continue
+        stage_dir = base / name
+        if is_complete(stage_dir) and name not in (force or []):
+            done = json.loads((stage_dir / "DONE.json").read_text())
+            note = ""
+            if done.get("fingerprint") != recipe.stage_fingerprint(name):
+                note = f" [yellow](its config changed since; rerun with --force {name})[/]"
+            console.print(f"[dim]stage {name}: complete, skipped[/]{note}")
+            results.append(done)
+            continue
+        if name in (force or []) and stage_dir.exists():
+            # Keep the old output beside the new one rather than deleting work.
+            moved = stage_dir.with_name(f"{name}.replaced-{int(time.time())}")
+            stage_dir.rename(moved)
+            console.print(f"[yellow]stage {name}: --force, previous output moved to {moved}[/]")
+        results.append(run_stage(recipe, name, console=console, base=base))
+    return results

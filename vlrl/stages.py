@@ -1,0 +1,95 @@
+"""The kernel's own stages (data, model, eval) and the eval that closes every stage.
+
+Thin on purpose: each calls the component that does the work, writes its outputs
+into the stage folder and returns a small summary for DONE.json.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from vlrl.errors import VlrlError
+from vlrl.recipe import EvalSpec
+
+
+def run_data(ctx) -> dict:
+    st = ctx.config
+    if st.path:
+        from vlrl.data.io import split_path
+
+        for split in ("train", "eval"):
+            split_path(Path(st.path), split)  # raises a DataError naming the folder if absent
+        return {"path": st.path}
+    from vlrl.data.synth import make_dataset
+
+    manifest = make_dataset(ctx.dir, seed=st.seed, n=st.n, n_eval=st.n_eval, families_mix=st.mix, fmt=st.format)
+    counts = manifest.get("counts", {})
+    ctx.console.print(f"dataset written to {ctx.dir}: {json.dumps(counts)[:300]}")
+    return {"counts": counts}
+
+
+def run_model(ctx) -> dict:
+    st = ctx.config
+    from vlrl.model.loading import count_parameters, load_model
+
+    if st.path:
+        path = Path(st.path)
+        if not path.is_dir():
+            raise VlrlError(f"stages.{ctx.name}.path: {path} is not a checkpoint folder")
+        model = load_model(path, device="cpu")
+        return {"path": str(path), "parameters": count_parameters(model)}
+    from vlrl.data.synth import corpus_texts
+    from vlrl.model.tiny import init_tiny_model
+
+    out = ctx.checkpoint_dir
+    tmp = out.with_name("checkpoint.tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    init_tiny_model(tmp, corpus_texts(st.seed, st.corpus_size), preset=st.preset, seed=st.seed)
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+    params = count_parameters(load_model(out, device="cpu"))
+    ctx.console.print(f"tiny model ({st.preset}) written to {out}: {params}")
+    return {"parameters": params}
+
+
+def eval_checkpoint(ctx, checkpoint: Path, data_dir: Path, spec: EvalSpec) -> dict:
+    """Greedy eval of a checkpoint on a held-out split; writes eval.json and prints the table."""
+    from vlrl.data.io import split_path
+    from vlrl.eval import evaluate, render_table
+
+    data_file = split_path(data_dir, spec.split)
+    on_bad = getattr(ctx.config, "on_bad_image", "error")
+    report = evaluate(
+        checkpoint,
+        data_file,
+        batch_size=spec.batch_size,
+        max_new_tokens=spec.max_new_tokens,
+        limit=spec.limit,
+        device=ctx.device.kind,
+        on_bad_image=on_bad,
+    )
+    report.to_json(ctx.dir / "eval.json")
+    ctx.console.print(render_table(report))
+    tracker = ctx.tracker()
+    try:
+        flat = {"eval/accuracy": report.accuracy}
+        flat.update({f"eval/accuracy/{k}": v for k, v in report.by_family.items()})
+        tracker.log(flat, step=0)
+    finally:
+        tracker.close()
+    return {"accuracy": report.accuracy, "by_family": report.by_family}
+
+
+def run_eval(ctx) -> dict:
+    st = ctx.config
+    data = ctx.inputs.get("data")
+    if data is None:
+        from vlrl.runner import _resolve, eval_spec_for
+
+        data = _resolve(ctx.recipe, ctx.recipe.eval.data or next(n for n, s in ctx.recipe.stages.items() if s.kind == "data"), ctx.recipe.base_dir())
+    spec = EvalSpec(split=st.split, limit=st.limit, batch_size=st.batch_size, max_new_tokens=st.max_new_tokens)
+    return eval_checkpoint(ctx, ctx.inputs["from"], data, spec)

@@ -232,6 +232,8 @@ def _format_validation(e: ValidationError, raw: dict, source: str) -> str:
     errs = e.errors()
     first = errs[0]
     loc = _fmt_loc(first["loc"], raw)
+    if first["type"] in ("union_tag_invalid", "union_tag_not_found"):
+        loc += ".kind"
     got = ""
     if first["type"] not in ("missing", "union_tag_not_found") and "input" in first:
         val = first["input"]
@@ -285,6 +287,11 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
     return data
 
 
+def looks_like_path(ref: str) -> bool:
+    """References with a slash or a leading '.'/'~' are paths; bare words are stage names."""
+    return "/" in ref or ref.startswith((".", "~"))
+
+
 def _check_references(recipe: Recipe, source: str) -> None:
     """Every `from:` names an earlier stage that yields a model, every `data:` a data stage or folder."""
     seen: dict[str, str] = {}
@@ -308,14 +315,15 @@ def _check_references(recipe: Recipe, source: str) -> None:
                 continue
             if ref in recipe.stages:
                 raise RecipeError(f"{source}: stages.{name}.{key}: stage {ref!r} comes after {name!r}; a stage can only use earlier stages")
-            if not Path(ref).exists():
-                before = ", ".join(seen) or "none"
-                raise RecipeError(
-                    f"{source}: stages.{name}.{key}: {ref!r} is neither an earlier stage (earlier: {before}) nor an existing path"
-                )
+            before = ", ".join(seen) or "none"
+            if not looks_like_path(ref):
+                raise RecipeError(f"{source}: stages.{name}.{key}: {ref!r} names no earlier stage (earlier: {before}); a path needs a '/' (e.g. ./{ref})")
+            if not Path(ref).expanduser().exists():
+                raise RecipeError(f"{source}: stages.{name}.{key}: path {ref!r} does not exist")
         seen[name] = st.kind
-    if recipe.eval.data is not None and recipe.eval.data not in seen and not Path(recipe.eval.data).exists():
-        raise RecipeError(f"{source}: eval.data: {recipe.eval.data!r} is neither a stage nor an existing path")
+    ref = recipe.eval.data
+    if ref is not None and ref not in seen and not (looks_like_path(ref) and Path(ref).expanduser().exists()):
+        raise RecipeError(f"{source}: eval.data: {ref!r} is neither a data stage nor an existing path (with a '/')")
 
 
 def validate_recipe(raw: Any, source: str = "<recipe>") -> Recipe:

@@ -1,0 +1,149 @@
+"""Recipe validation: errors are one line naming the key; overrides reach the right key."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from vlrl.errors import RecipeError
+from vlrl.recipe import apply_overrides, load_recipe, validate_recipe
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "recipes" / "tiny.yaml"
+
+
+def _raw() -> dict:
+    return yaml.safe_load(TINY.read_text())
+
+
+def test_tiny_recipe_validates():
+    r = load_recipe(TINY)
+    assert list(r.stages) == ["data", "model", "pretrain"]
+    assert r.stages["pretrain"].from_ == "model"
+    assert [p.trainable for p in r.stages["pretrain"].phases] == ["language", "vision+projector", "all"]
+
+
+def test_unknown_key_names_the_path():
+    raw = _raw()
+    raw["stages"]["pretrain"]["phases"][1]["stepz"] = 3
+    with pytest.raises(RecipeError) as e:
+        validate_recipe(raw, "r.yaml")
+    msg = str(e.value)
+    assert "stages.pretrain.phases.1.stepz" in msg and "unknown key" in msg
+    assert "\n" not in msg
+
+
+def test_wrong_type_names_path_and_value():
+    raw = _raw()
+    raw["stages"]["pretrain"]["optim"]["lr"] = "fast"
+    with pytest.raises(RecipeError) as e:
+        validate_recipe(raw, "r.yaml")
+    assert "stages.pretrain.optim.lr" in str(e.value) and "'fast'" in str(e.value)
+
+
+def test_missing_stage_input_is_reported():
+    raw = _raw()
+    raw["stages"]["pretrain"]["from"] = "sft"
+    with pytest.raises(RecipeError) as e:
+        validate_recipe(raw, "r.yaml")
+    assert "stages.pretrain.from" in str(e.value) and "'sft'" in str(e.value)
+
+
+def test_later_stage_reference_is_refused():
+    raw = _raw()
+    raw["stages"]["pretrain"]["data"] = "later"
+    raw["stages"]["later"] = {"kind": "data"}
+    with pytest.raises(RecipeError, match="comes after"):
+        validate_recipe(raw, "r.yaml")
+
+
+def test_from_must_name_a_model_stage():
+    raw = _raw()
+    raw["stages"]["pretrain"]["from"] = "data"
+    with pytest.raises(RecipeError, match="data stage"):
+        validate_recipe(raw, "r.yaml")
+
+
+def test_unknown_stage_kind():
+    raw = _raw()
+    raw["stages"]["x"] = {"kind": "distill", "from": "pretrain"}
+    with pytest.raises(RecipeError, match="stages.x.kind.*unknown stage kind"):
+        validate_recipe(raw, "r.yaml")
+
+
+def test_overrides_by_stage_name_and_list_index():
+    r = load_recipe(TINY, ["pretrain.optim.lr=3e-4", "pretrain.phases.2.steps=7", "device=cpu", "data.n=50"])
+    assert r.stages["pretrain"].optim.lr == pytest.approx(3e-4)
+    assert r.stages["pretrain"].phases[2].steps == 7
+    assert r.device == "cpu" and r.stages["data"].n == 50
+
+
+def test_override_does_not_mutate_input():
+    raw = _raw()
+    apply_overrides(raw, ["pretrain.batch_size=3"])
+    assert raw["stages"]["pretrain"]["batch_size"] == 16
+
+
+@pytest.mark.parametrize(
+    "item,match",
+    [("nokey", "key.path=value"), ("pretrain.phases.9.steps=1", "list index below 3"), ("seed.x=1", "is a value")],
+)
+def test_bad_overrides(item, match):
+    with pytest.raises(RecipeError, match=match):
+        load_recipe(TINY, [item])
+
+
+def test_invalid_yaml_names_line(tmp_path):
+    p = tmp_path / "bad.yaml"
+    p.write_text("name: x\nstages:\n  data: {n: [1,\n")
+    with pytest.raises(RecipeError, match="bad.yaml: line"):
+        load_recipe(p)
+
+
+def test_planned_kind_validates_but_is_flagged(tmp_path):
+    raw = _raw()
+    raw["stages"]["rl"] = {"from": "pretrain", "data": "data", "lr": 1e-6}
+    r = validate_recipe(raw, "r.yaml")
+    assert r.stages["rl"].kind == "rl"
+
+
+def test_fingerprint_changes_with_config():
+    a = load_recipe(TINY)
+    b = load_recipe(TINY, ["pretrain.phases.0.steps=1"])
+    assert a.stage_fingerprint("data") == b.stage_fingerprint("data")
+    assert a.stage_fingerprint("pretrain") != b.stage_fingerprint("pretrain")
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "vlrl.cli", *args], capture_output=True, text=True, cwd=ROOT)
+
+
+def test_cli_validate_ok_and_errors_in_one_line(tmp_path):
+    ok = _cli("validate", str(TINY))
+    assert ok.returncode == 0, ok.stderr
+    assert "3 stage(s)" in ok.stdout
+    raw = _raw()
+    raw["stages"]["pretrain"]["optim"]["bogus"] = 1
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump(raw))
+    res = _cli("validate", str(bad))
+    assert res.returncode == 2
+    lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "stages.pretrain.optim.bogus" in lines[0]
+    assert "Traceback" not in res.stderr
+
+
+def test_cli_stage_kind_not_available_yet(tmp_path):
+    raw = _raw()
+    raw["stages"] = {"rl": {"from": str(tmp_path), "data": str(tmp_path)}}
+    raw["eval"] = {"data": str(tmp_path)}
+    raw["run_dir"] = str(tmp_path / "run")
+    p = tmp_path / "rl.yaml"
+    p.write_text(yaml.safe_dump(raw))
+    res = _cli("run", str(p))
+    assert res.returncode == 2
+    assert "not available yet" in res.stderr and "Traceback" not in res.stderr

@@ -1,0 +1,1 @@
+"""Model rewards (filled in below)."""

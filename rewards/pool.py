@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import logging
 import math
 import multiprocessing as mp
 import multiprocessing.connection as mpc
@@ -70,8 +71,18 @@ class PoolStats:
 # --------------------------------------------------------------------------------------
 # The worker process.
 
+_IN_WORKER = False
+
+
+def in_worker() -> bool:
+    """True inside a pool worker, where the parent enforces timeouts by killing the process
+    (plugins with their own signal-based timeouts can turn them off there)."""
+    return _IN_WORKER
+
 
 def _worker_main(conn, heartbeat, components: dict[str, ComponentDef], memory_mb: int | None, flush_s: float) -> None:
+    global _IN_WORKER
+    _IN_WORKER = True
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and stops us
     if memory_mb:
         try:
@@ -83,11 +94,13 @@ def _worker_main(conn, heartbeat, components: dict[str, ComponentDef], memory_mb
             pass
     from rewards.registry import load_builtins, load_ref
 
-    try:  # import sympy & math-verify's parser once, before the first chunk
+    logging.getLogger("math_verify").setLevel(logging.ERROR)  # its "timeouts are off" notice: we kill instead
+    try:  # import the built-ins, and math-verify's parser when a built-in runs here
         load_builtins()
-        from rewards.rules import warmup
+        if any(getattr(c.ref, "where", "") == "rewards.rules" for c in components.values()):
+            from rewards.rules import warmup
 
-        warmup()
+            warmup()
     except Exception:
         pass
     loop = asyncio.new_event_loop()

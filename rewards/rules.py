@@ -28,6 +28,7 @@ from vlrl.answers import (
 )
 
 from rewards.api import RewardSample, reward
+from rewards.pool import in_worker
 
 # --------------------------------------------------------------------------------------
 # Math
@@ -44,13 +45,16 @@ def _plain_number(s: str) -> float | None:
     return parse_number(s) if _NUM_RE.fullmatch(s) else None
 
 
-def _mv_timeout(seconds: int) -> int | None:
-    # math-verify's own timeouts use SIGALRM, which works in a main thread only; elsewhere
-    # (in-process use from a worker thread) the pool or caller bounds the time instead.
-    return seconds if threading.current_thread() is threading.main_thread() else None
+def _mv_timeout(seconds: int | None) -> int | None:
+    # math-verify's own timeouts use SIGALRM and, when they fire, quietly answer "not equal".
+    # In a pool worker the parent kills a stuck call and reports a timeout instead, so they
+    # are off there; off the main thread SIGALRM is not available at all.
+    if in_worker() or not seconds or threading.current_thread() is not threading.main_thread():
+        return None
+    return seconds
 
 
-def _math_verify_equal(gold: str, pred: str, seconds: int) -> bool | None:
+def _math_verify_equal(gold: str, pred: str, seconds: int | None) -> bool | None:
     """True/False when math-verify parsed both sides, None when it could not parse one."""
     from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse, verify
 
@@ -111,10 +115,13 @@ def warmup() -> None:
 
 
 @reward("math_accuracy", correct_at=1.0)
-def math_accuracy(sample: RewardSample, *, require_boxed: bool = False, parse_timeout_s: int = 5) -> float | None:
+def math_accuracy(
+    sample: RewardSample, *, require_boxed: bool = False, parse_timeout_s: int | None = 5, max_answer_chars: int = 1000
+) -> float | None:
     """1.0 when the answer equals the reference mathematically (math-verify, then sympy), else 0.0.
 
-    Plain numbers compare numerically first (as eval does); None without a reference."""
+    Plain numbers compare numerically first (as eval does); answers longer than
+    `max_answer_chars` compare as text only; None without a reference."""
     if sample.answer is None or not str(sample.answer).strip():
         return None
     pred = extract_boxed(sample.response) if require_boxed else extract_answer(sample.response)
@@ -126,6 +133,8 @@ def math_accuracy(sample: RewardSample, *, require_boxed: bool = False, parse_ti
     a, b = _plain_number(gold), _plain_number(pred)
     if a is not None and b is not None:
         return float(math.isclose(a, b, rel_tol=1e-6, abs_tol=1e-9))
+    if len(pred) > max_answer_chars:  # no parser should see a runaway answer
+        return float(normalize_text(gold) == normalize_text(pred))
     verdict = _math_verify_equal(gold, pred, parse_timeout_s)
     if verdict is None:
         verdict = _sympy_equal(gold, pred)

@@ -1,0 +1,98 @@
+"""Reading responses to score from JSONL (for `vlrl rewards test` and tests).
+
+A row is either a plain one, `{"response", "answer", "prompt"?, "task"?, "meta"?,
+"group_id"?, ...}`, or a dataset `Record` (vlrl.data.records) plus a `response` field.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+
+from vlrl.data.records import Record
+from vlrl.errors import DataError
+
+from rewards.api import RewardSample
+
+_SAMPLE_FIELDS = {"response_ids", "response_length", "finish_reason"}
+_GROUP_KEYS = ("group_id", "group")
+
+
+def read_jsonl(path: str | Path) -> list[dict]:
+    p = Path(path)
+    if not p.is_file():
+        raise DataError(f"{p}: no such file")
+    rows = []
+    with p.open(encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{p}:{n}: not valid JSON ({e.msg})") from None
+            if not isinstance(row, dict):
+                raise DataError(f"{p}:{n}: a row must be a JSON object, got {type(row).__name__}")
+            rows.append(row)
+    return rows
+
+
+def sample_from_row(row: dict[str, Any], *, base_dir: Path | None = None, where: str = "row") -> RewardSample:
+    if "response" not in row or not isinstance(row["response"], str):
+        raise DataError(f"{where}: needs a string 'response' field")
+    rest = {k: v for k, v in row.items() if k not in ("response", *_GROUP_KEYS, *_SAMPLE_FIELDS)}
+    extra = {k: row[k] for k in _SAMPLE_FIELDS if k in row}
+    group_id = next((str(row[k]) for k in _GROUP_KEYS if row.get(k) is not None), None)
+    if "messages" in row:
+        try:
+            rec = Record.model_validate(rest)
+        except ValidationError as e:
+            raise DataError(f"{where}: not a valid record: {e.errors()[0]['loc']}: {e.errors()[0]['msg']}") from None
+        images = [str((base_dir / i) if base_dir and isinstance(i, str) else i) if isinstance(i, str) else i for i in rec.images]
+        return RewardSample(
+            response=row["response"],
+            prompt=[m.model_dump(exclude_none=True) for m in rec.prompt_messages()],
+            answer=rec.answer,
+            task=rec.task,
+            difficulty=rec.difficulty,
+            meta=rec.meta,
+            images=images,
+            rewards=rec.rewards,
+            id=rec.id,
+            group_id=group_id or rec.id,
+            **extra,
+        )
+    prompt = row.get("prompt", [])
+    if isinstance(prompt, str):
+        prompt = [{"role": "user", "content": prompt}]
+    images = [str(base_dir / i) if base_dir and isinstance(i, str) else i for i in row.get("images", [])]
+    answer = row.get("answer")
+    return RewardSample(
+        response=row["response"],
+        prompt=prompt,
+        answer=None if answer is None else str(answer),
+        task=str(row.get("task", "chat")),
+        difficulty=int(row.get("difficulty", 1)),
+        meta=dict(row.get("meta") or {}),
+        images=images,
+        rewards=row.get("rewards"),
+        id=str(row["id"]) if "id" in row else None,
+        group_id=group_id,
+        **extra,
+    )
+
+
+def load_samples(path: str | Path, *, group_size: int = 1) -> list[RewardSample]:
+    """Samples from a JSONL file; rows without a group id are grouped `group_size` at a time."""
+    p = Path(path)
+    rows = read_jsonl(p)
+    out = []
+    for n, row in enumerate(rows):
+        s = sample_from_row(row, base_dir=p.parent, where=f"{p}:{n + 1}")
+        if s.group_id is None and group_size > 1:
+            s.group_id = f"group{n // group_size}"
+        out.append(s)
+    return out

@@ -1,0 +1,156 @@
+"""Eval bookkeeping: greedy responses are scored with vlrl.answers and aggregated
+by family / task / difficulty exactly as a hand count says; data files load."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from vlrl.answers import answer_type_for, is_correct
+from vlrl.data.images import Sample
+from vlrl.data.io import write_records
+from vlrl.data.records import Record
+from vlrl.errors import DataError
+from vlrl.eval import Prediction, evaluate, generate_responses, render_table, summarize
+from vlrl.model.batching import collate_for_training
+from vlrl.model.tiny import build_tiny_model
+
+TASKS = [("read_digits", "perception"), ("count_shapes", "perception"), ("text_arith", "text"), ("arith", "reasoning")]
+
+
+def _records(n: int, rng: np.random.Generator) -> list[tuple[Record, list[Image.Image]]]:
+    out = []
+    for i in range(n):
+        task, family = TASKS[i % len(TASKS)]
+        ans = str(int(rng.integers(0, 20)))
+        n_img = 0 if family == "text" else 1
+        content = [{"type": "image"}] * n_img + [{"type": "text", "text": f"Task {task}: what is the answer?"}]
+        rec = Record(
+            id=f"e{i}",
+            messages=[{"role": "user", "content": content}, {"role": "assistant", "content": f"\\boxed{{{ans}}}"}],
+            images=[f"img/{i}.png"] * n_img,
+            answer=ans,
+            task=task,
+            family=family,
+            difficulty=1 + i % 3,
+        )
+        imgs = [Image.fromarray(rng.integers(0, 255, (112, 112, 3), dtype=np.uint8)) for _ in range(n_img)]
+        out.append((rec, imgs))
+    return out
+
+
+@pytest.fixture(scope="module")
+def trained():
+    """A micro model trained a few steps, so it emits boxed answers (some right)."""
+    rng = np.random.default_rng(1)
+    pairs = _records(16, rng)
+    samples = [Sample(r, imgs, i + 1) for i, (r, imgs) in enumerate(pairs)]
+    corpus = [m.parts()[-1].text for r, _ in pairs for m in r.messages] * 10
+    model, processor = build_tiny_model(corpus, preset="micro", seed=0)
+    torch.manual_seed(0)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    batch = collate_for_training(samples[:12], processor, max_length=128)
+    for _ in range(40):
+        model(**batch, use_cache=False).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    model.eval()
+    return model, processor, samples
+
+
+def test_report_matches_a_hand_count(trained):
+    model, processor, samples = trained
+    report = evaluate((model, processor), samples, batch_size=5, max_new_tokens=12)
+    assert report.n == len(samples) == len(report.predictions)
+    assert [p.id for p in report.predictions] == [s.record.id for s in samples]
+    hand = [is_correct(p.response, s.record.answer, answer_type_for(s.record.task, s.record.meta)) for p, s in zip(report.predictions, samples)]
+    assert [p.correct for p in report.predictions] == hand
+    assert report.accuracy == pytest.approx(sum(hand) / len(hand))
+    for family in {s.record.family for s in samples}:
+        mine = [h for h, s in zip(hand, samples) if s.record.family == family]
+        assert report.by_family[family] == pytest.approx(sum(mine) / len(mine))
+        for d in {s.record.difficulty for s in samples if s.record.family == family}:
+            cell = [h for h, s in zip(hand, samples) if s.record.family == family and s.record.difficulty == d]
+            score = report.families[family][str(d)]
+            assert (score.n, score.correct) == (len(cell), sum(cell))
+    for task, _ in TASKS:
+        mine = [h for h, s in zip(hand, samples) if s.record.task == task]
+        assert report.tasks[task]["all"].n == len(mine) and report.by_task[task] == pytest.approx(sum(mine) / len(mine))
+    assert report.generated_tokens == sum(p.n_tokens for p in report.predictions) > 0
+    assert report.tokens_per_second > 0
+
+
+def test_batched_responses_equal_one_at_a_time(trained):
+    model, processor, samples = trained
+    batched = generate_responses(model, processor, samples[:6], max_new_tokens=12)
+    alone = [generate_responses(model, processor, [s], max_new_tokens=12)[0] for s in samples[:6]]
+    assert batched == alone
+    # Responses stop at the end token and carry no special tokens.
+    for text, finished, n in batched:
+        assert "<|im_end|>" not in text and n <= 12
+        if finished:
+            assert n >= 1
+
+
+def test_summarize_by_hand():
+    def p(i, task, family, d, ok, fin=True):
+        return Prediction(id=str(i), task=task, family=family, difficulty=d, answer="1", response="r", correct=ok, finished=fin, n_tokens=3)
+
+    preds = [p(0, "a", "perception", 1, True), p(1, "a", "perception", 1, False), p(2, "a", "perception", 3, True),
+             p(3, "b", "text", 2, False, fin=False)]
+    r = summarize(preds, model="m", data="d", seconds=2.0, skipped=["x"])
+    assert r.accuracy == 0.5 and r.n == 4
+    assert r.by_family == {"perception": pytest.approx(2 / 3), "text": 0.0}
+    assert r.families["perception"]["1"].model_dump() == {"n": 2, "correct": 1, "accuracy": 0.5}
+    assert "2" not in r.families["perception"] and r.families["perception"]["3"].correct == 1
+    assert r.unfinished == 1 and r.skipped == ["x"]
+    assert r.tokens_per_second == 6.0
+
+
+def test_eval_from_a_data_file_with_json_and_table(trained, tmp_path):
+    model, processor, samples = trained
+    (tmp_path / "img").mkdir()
+    recs = []
+    for s in samples[:6]:
+        for ref, img in zip(s.record.images, s.images):
+            img.save(tmp_path / ref)
+        recs.append(s.record)
+    write_records(tmp_path / "eval.jsonl", recs)
+    report = evaluate((model, processor), tmp_path / "eval.jsonl", batch_size=4, max_new_tokens=12, limit=5)
+    assert report.n == 5 and report.data == str(tmp_path / "eval.jsonl")
+    direct = evaluate((model, processor), samples[:5], batch_size=4, max_new_tokens=12)
+    assert [p.response for p in report.predictions] == [p.response for p in direct.predictions]
+
+    out = report.to_json(tmp_path / "out" / "eval.json")
+    loaded = json.loads(out.read_text())
+    assert loaded["accuracy"] == report.accuracy and len(loaded["predictions"]) == 5
+
+    table = render_table(report)
+    assert [c.header for c in table.columns] == ["family / task", "d1", "d2", "d3", "d4", "d5", "all"]
+    assert table.row_count == len(report.families) + len(report.tasks)
+
+
+def test_bad_image_error_or_skip(trained, tmp_path):
+    model, processor, samples = trained
+    (tmp_path / "img").mkdir()
+    recs = [s.record for s in samples[:4]]
+    for s in samples[1:4]:  # the first record's image is missing
+        for ref, img in zip(s.record.images, s.images):
+            img.save(tmp_path / ref)
+    write_records(tmp_path / "eval.jsonl", recs)
+    with pytest.raises(DataError, match="missing"):
+        evaluate((model, processor), tmp_path / "eval.jsonl", max_new_tokens=4)
+    report = evaluate((model, processor), tmp_path / "eval.jsonl", max_new_tokens=4, on_bad_image="skip")
+    assert report.skipped == [recs[0].id] and report.n == 3
+
+
+def test_eval_loads_a_checkpoint_folder(trained, tmp_path):
+    model, processor, samples = trained
+    model.save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)
+    from_dir = evaluate(tmp_path, samples[:4], max_new_tokens=8)
+    in_memory = evaluate((model, processor), samples[:4], max_new_tokens=8)
+    assert [p.response for p in from_dir.predictions] == [p.response for p in in_memory.predictions]
+    assert from_dir.model == str(tmp_path)

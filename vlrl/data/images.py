@@ -1,0 +1,109 @@
+"""Loading a record's images, and a map-style dataset that can skip bad ones.
+
+A missing or corrupt image is a data problem the user fixes, so by default it
+stops the run with the file, row and image named. A recipe may instead ask to
+skip such rows; then the dataset returns None for them and remembers why, so
+the trainer can count them in its metrics instead of silently training on less.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from PIL import Image
+
+from vlrl.data.io import iter_records, location
+from vlrl.data.records import Record
+from vlrl.errors import DataError
+
+# What Pillow raises for bytes that are not a decodable image.
+_DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, struct.error, Image.DecompressionBombError)
+
+
+def _ref_bytes(ref: str | bytes, base_dir: Path, where: str, i: int) -> tuple[bytes, str]:
+    if isinstance(ref, bytes):
+        return ref, f"image {i} (inline bytes)"
+    if ref.startswith("data:"):
+        label = f"image {i} (inline data URI)"
+        try:
+            return base64.b64decode(ref.split(",", 1)[1], validate=True), label
+        except (IndexError, binascii.Error) as e:
+            raise DataError(f"{where}: {label} is not valid base64 ({e})") from None
+    p = Path(ref)
+    if not p.is_absolute():
+        p = base_dir / p
+    label = f"image '{ref}'"
+    try:
+        return p.read_bytes(), label
+    except FileNotFoundError:
+        raise DataError(f"{where}: {label} missing (no file {p})") from None
+    except OSError as e:
+        raise DataError(f"{where}: {label} cannot be read ({e.strerror or e})") from None
+
+
+def load_images(record: Record, base_dir: Path, *, source: str, row: int) -> list[Image.Image]:
+    """The record's images as RGB; relative paths resolve against base_dir (the data file's folder)."""
+    where = location(source, row)
+    out = []
+    for i, ref in enumerate(record.images):
+        data, label = _ref_bytes(ref, Path(base_dir), where, i)
+        try:
+            with Image.open(io.BytesIO(data)) as img:
+                img.load()
+                out.append(img.convert("RGB"))
+        except _DECODE_ERRORS as e:
+            raise DataError(f"{where}: {label} is not a readable image ({type(e).__name__}: {e})") from None
+    return out
+
+
+@dataclass
+class Sample:
+    record: Record
+    images: list[Image.Image]  # RGB, one per image placeholder, in order
+    row: int  # 1-based line (JSONL) or row (Parquet) in the source file
+
+
+class RecordDataset:
+    """Records of one file, with images decoded on access (torch `Dataset` protocol).
+
+    on_bad_image="skip" returns None for a row whose image is missing or corrupt;
+    `skip_reasons` maps each such row to its message and `skipped` counts distinct
+    rows, so revisiting a row in a later epoch does not count it twice. With
+    DataLoader workers each worker holds its own counts.
+    """
+
+    def __init__(self, path: Path, on_bad_image: Literal["error", "skip"] = "error") -> None:
+        if on_bad_image not in ("error", "skip"):
+            raise DataError(f"on_bad_image must be 'error' or 'skip', got {on_bad_image!r}")
+        self.path = Path(path)
+        self.on_bad_image = on_bad_image
+        self._rows = list(iter_records(self.path))
+        self.skip_reasons: dict[int, str] = {}
+
+    @property
+    def records(self) -> list[Record]:
+        return [r for _, r in self._rows]
+
+    @property
+    def skipped(self) -> int:
+        return len(self.skip_reasons)
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    def __getitem__(self, i: int) -> Sample | None:
+        row, record = self._rows[i]
+        try:
+            images = load_images(record, self.path.parent, source=str(self.path), row=row)
+        except DataError as e:
+            if self.on_bad_image == "error":
+                raise
+            self.skip_reasons[row] = str(e)
+            return None
+        return Sample(record, images, row)

@@ -1,0 +1,248 @@
+"""Greedy evaluation on a held-out set: accuracy by family, task and difficulty.
+
+Every stage of a recipe ends with this, so its numbers must mean the same for
+the tiny model and a real checkpoint: greedy decoding (`do_sample=False`, KV
+cache), the record's own prompt through the checkpoint's chat template, and
+correctness by `vlrl.answers.is_correct` — the same check the rule rewards use.
+A response that never emits an end token within `max_new_tokens` is scored as
+it stands and counted in `unfinished`.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Literal
+
+import torch
+from pydantic import BaseModel
+from rich.table import Table
+
+from vlrl.answers import answer_type_for, is_correct
+from vlrl.model.batching import Sample, collate_for_generation, pad_id
+
+DIFFICULTIES = ("1", "2", "3", "4", "5")
+
+
+class Prediction(BaseModel):
+    id: str
+    task: str
+    family: str
+    difficulty: int
+    answer: str | None
+    response: str
+    correct: bool
+    finished: bool  # an end token was generated within max_new_tokens
+    n_tokens: int  # generated tokens, end token included
+
+
+class Score(BaseModel):
+    n: int
+    correct: int
+    accuracy: float
+
+
+class EvalReport(BaseModel):
+    model: str
+    data: str
+    n: int
+    accuracy: float
+    by_family: dict[str, float]
+    by_task: dict[str, float]
+    # name -> difficulty ("1".."5", "all") -> Score; keys are strings so the JSON round-trips
+    families: dict[str, dict[str, Score]]
+    tasks: dict[str, dict[str, Score]]
+    unfinished: int
+    skipped: list[str]  # record ids left out because an image could not be read
+    generated_tokens: int
+    seconds: float
+    tokens_per_second: float
+    predictions: list[Prediction]
+
+    def to_json(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(self.model_dump_json(indent=2) + "\n")
+        return path
+
+
+def _score(preds: list[Prediction]) -> Score:
+    correct = sum(p.correct for p in preds)
+    return Score(n=len(preds), correct=correct, accuracy=correct / len(preds) if preds else 0.0)
+
+
+def _grid(preds: Iterable[Prediction], key: str) -> dict[str, dict[str, Score]]:
+    groups: dict[str, list[Prediction]] = defaultdict(list)
+    for p in preds:
+        groups[getattr(p, key)].append(p)
+    grid = {}
+    for name in sorted(groups):
+        members = groups[name]
+        cells = {d: _score([p for p in members if str(p.difficulty) == d]) for d in DIFFICULTIES}
+        grid[name] = {d: s for d, s in cells.items() if s.n} | {"all": _score(members)}
+    return grid
+
+
+def summarize(
+    predictions: list[Prediction], *, model: str, data: str, seconds: float, skipped: Sequence[str] = ()
+) -> EvalReport:
+    """Aggregate per-sample predictions into the report."""
+    families = _grid(predictions, "family")
+    tasks = _grid(predictions, "task")
+    tokens = sum(p.n_tokens for p in predictions)
+    return EvalReport(
+        model=model,
+        data=data,
+        n=len(predictions),
+        accuracy=_score(predictions).accuracy,
+        by_family={k: v["all"].accuracy for k, v in families.items()},
+        by_task={k: v["all"].accuracy for k, v in tasks.items()},
+        families=families,
+        tasks=tasks,
+        unfinished=sum(not p.finished for p in predictions),
+        skipped=list(skipped),
+        generated_tokens=tokens,
+        seconds=seconds,
+        tokens_per_second=tokens / seconds if seconds > 0 else 0.0,
+        predictions=predictions,
+    )
+
+
+def _stop_ids(model, processor) -> list[int]:
+    """The generation config's end tokens plus the chat end-of-turn token."""
+    eos = model.generation_config.eos_token_id
+    ids = set([eos] if isinstance(eos, int) else (eos or []))
+    im_end = processor.tokenizer.convert_tokens_to_ids("<|im_end|>")
+    if isinstance(im_end, int) and im_end != processor.tokenizer.unk_token_id:
+        ids.add(im_end)
+    if processor.tokenizer.eos_token_id is not None:
+        ids.add(processor.tokenizer.eos_token_id)
+    return sorted(ids)
+
+
+def _greedy_config(model, processor, max_new_tokens: int):
+    cfg = copy.deepcopy(model.generation_config)
+    # Sampling fields from a checkpoint's generation_config would only warn under greedy decoding.
+    cfg.update(do_sample=False, temperature=None, top_p=None, top_k=None, num_beams=1)
+    cfg.max_new_tokens = max_new_tokens
+    cfg.eos_token_id = _stop_ids(model, processor)
+    cfg.pad_token_id = pad_id(processor)
+    cfg.use_cache = True
+    return cfg
+
+
+@torch.inference_mode()
+def generate_responses(model, processor, samples: Sequence[Sample], *, max_new_tokens: int) -> list[tuple[str, bool, int]]:
+    """Greedy responses for one batch: (text, finished, generated tokens) per sample."""
+    device = next(model.parameters()).device
+    batch = {k: v.to(device) for k, v in collate_for_generation(samples, processor).items()}
+    cfg = _greedy_config(model, processor, max_new_tokens)
+    out = model.generate(**batch, generation_config=cfg)  # (B, T_prompt + T_new)
+    new = out[:, batch["input_ids"].shape[1] :].tolist()
+    stops = set(cfg.eos_token_id)
+    results = []
+    for row in new:
+        end = next((i for i, t in enumerate(row) if t in stops), None)
+        kept = row if end is None else row[:end]
+        text = processor.tokenizer.decode(kept, skip_special_tokens=True)
+        results.append((text, end is not None, len(row) if end is None else end + 1))
+    return results
+
+
+def evaluate(
+    model: str | Path | tuple,
+    data: str | Path | Sequence[Sample],
+    *,
+    batch_size: int = 32,
+    max_new_tokens: int = 64,
+    limit: int | None = None,
+    device: str = "cpu",
+    on_bad_image: Literal["error", "skip"] = "error",
+) -> EvalReport:
+    """Greedy-decode `data` (a .jsonl/.parquet file, or loaded samples) with
+    `model` (a checkpoint folder, or a `(model, processor)` pair that stays on
+    its device) and score every response."""
+    if isinstance(model, tuple):
+        net, processor = model
+        model_name = type(net).__name__
+    else:
+        from vlrl.model.loading import load_model, load_processor
+
+        net, processor = load_model(model, device=device, trainable=False), load_processor(model)
+        model_name = str(model)
+    if isinstance(data, (str, Path)):
+        samples, skipped = load_eval_samples(Path(data), limit=limit, on_bad_image=on_bad_image)
+        data_name = str(data)
+    else:
+        samples, skipped = list(data)[:limit] if limit is not None else list(data), []
+        data_name = f"<{len(samples)} samples>"
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+
+    was_training = net.training
+    net.eval()
+    predictions: list[Prediction] = []
+    start = time.perf_counter()
+    try:
+        for i in range(0, len(samples), batch_size):
+            chunk = samples[i : i + batch_size]
+            for s, (text, finished, n_tok) in zip(chunk, generate_responses(net, processor, chunk, max_new_tokens=max_new_tokens)):
+                predictions.append(_predict(s, text, finished, n_tok))
+    finally:
+        net.train(was_training)
+    return summarize(predictions, model=model_name, data=data_name, seconds=time.perf_counter() - start, skipped=skipped)
+
+
+def _predict(s: Sample, text: str, finished: bool, n_tokens: int) -> Prediction:
+    r = s.record
+    correct = r.answer is not None and is_correct(text, r.answer, answer_type_for(r.task, r.meta))
+    return Prediction(
+        id=r.id, task=r.task, family=r.family, difficulty=r.difficulty, answer=r.answer,
+        response=text, correct=correct, finished=finished, n_tokens=n_tokens,
+    )
+
+
+def load_eval_samples(path: Path, *, limit: int | None, on_bad_image: Literal["error", "skip"]) -> tuple[list[Sample], list[str]]:
+    """Records of a data file with their images (paths relative to its folder);
+    with on_bad_image="skip", ids of records whose images failed come back apart."""
+    from vlrl.data.images import RecordDataset
+
+    dataset = RecordDataset(path, on_bad_image=on_bad_image)
+    records = dataset.records
+    n = len(records) if limit is None else min(limit, len(records))
+    samples, skipped = [], []
+    for i in range(n):
+        sample = dataset[i]
+        if sample is None:
+            skipped.append(records[i].id)
+        else:
+            samples.append(sample)
+    return samples, skipped
+
+
+def _cell(score: Score | None) -> str:
+    return "" if score is None else f"{100 * score.accuracy:5.1f} ({score.n})"
+
+
+def render_table(report: EvalReport) -> Table:
+    """Accuracy % (count): families by difficulty, then one row per task."""
+    table = Table(title=f"eval {report.model} on {report.data}: {100 * report.accuracy:.1f}% of {report.n}")
+    table.add_column("family / task")
+    for d in DIFFICULTIES:
+        table.add_column(f"d{d}", justify="right")
+    table.add_column("all", justify="right")
+    for name, cells in report.families.items():
+        table.add_row(name, *(_cell(cells.get(d)) for d in DIFFICULTIES), _cell(cells["all"]))
+    table.add_section()
+    for name, cells in report.tasks.items():
+        table.add_row(f"  {name}", *(_cell(cells.get(d)) for d in DIFFICULTIES), _cell(cells["all"]))
+    notes = [f"{report.tokens_per_second:.0f} tok/s"]
+    if report.unfinished:
+        notes.append(f"{report.unfinished} unfinished")
+    if report.skipped:
+        notes.append(f"{len(report.skipped)} skipped (bad image)")
+    table.caption = ", ".join(notes)
+    return table

@@ -133,19 +133,21 @@ def test_count_answer_matches_scene():
             assert it.answer in it.target
 
 
+def _cell(box) -> str:
+    cx, cy = (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
+    return POSITIONS[int(cy * 3 // IMAGE_SIZE) * 3 + int(cx * 3 // IMAGE_SIZE)]
+
+
 def test_shape_color_question_picks_one_shape():
     for d in range(1, 6):
         for it in items("shape_color", d):
             shapes = [s for s in it.scene.items if isinstance(s, Shape)]
-            if it.meta["position"] is None or d <= 3:
+            if d <= 3:  # asked by shape: "What color is the circle?"
                 hits = [s for s in shapes if s.kind == it.meta["kind"]]
-                assert len(hits) == 1 and hits[0].color == it.answer
-            else:
-                r, c = it.meta["position"].split()
-                cell = ("top", "middle", "bottom").index(r) * 3 + ("left", "center", "right").index(c)
-                hits = [s for s in shapes if (s.box[1] + s.box[3]) / 2 * 3 // IMAGE_SIZE * 3
-                        + (s.box[0] + s.box[2]) / 2 * 3 // IMAGE_SIZE == cell]
-                assert len(hits) == 1 and hits[0].color == it.answer
+            else:  # asked by place: "What color is the shape in the top left?"
+                assert it.meta["position"] in it.question
+                hits = [s for s in shapes if _cell(s.box) == it.meta["position"]]
+            assert len(hits) == 1 and hits[0].color == it.answer
 
 
 def test_reasoning_numbers_are_only_in_the_image():

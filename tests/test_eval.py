@@ -128,7 +128,7 @@ def test_eval_from_a_data_file_with_json_and_table(trained, tmp_path):
     assert loaded["accuracy"] == report.accuracy and len(loaded["predictions"]) == 5
 
     table = render_table(report)
-    assert [c.header for c in table.columns] == ["family / task", "d1", "d2", "d3", "d4", "d5", "all"]
+    assert [c.header for c in table.columns] == ["family / task", "d1 %", "d2 %", "d3 %", "d4 %", "d5 %", "all %", "n"]
     assert table.row_count == len(report.families) + len(report.tasks)
 
 

@@ -8,7 +8,7 @@ from PIL import Image
 
 from vlrl.data.images import Sample
 from vlrl.data.records import Record
-from vlrl.errors import DataError
+from vlrl.errors import DataError, VlrlError
 from vlrl.model.batching import IGNORE_INDEX, collate_for_generation, collate_for_training
 from vlrl.model.tiny import build_tiny_model
 
@@ -210,3 +210,41 @@ def test_batches_drive_3d_mrope_positions(mp):
         flat = model(**{k: v for k, v in batch.items() if k != "mm_token_type_ids"}).logits  # 1D fallback
     assert torch.allclose(ours, explicit, atol=1e-6)
     assert not torch.allclose(ours[row], flat[row], atol=1e-3)
+
+
+# Qwen2.5-VL-Instruct's template shape: a default system turn when none is given,
+# no {% generation %} markers. The loss mask must still find the assistant turns.
+_QWEN_STYLE = (
+    "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}"
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+    "<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for c in message['content'] %}{% if c['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif 'text' in c %}{{ c['text'] }}{% endif %}{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def test_loss_mask_with_a_qwen_style_template(mp):
+    _, processor = mp
+    samples = _mixed()
+    original = processor.chat_template
+    processor.chat_template = _QWEN_STYLE
+    try:
+        batch = collate_for_training(samples, processor, max_length=256)
+    finally:
+        processor.chat_template = original
+    text0 = processor.tokenizer.decode(batch["input_ids"][0])
+    assert text0.startswith("<|im_start|>system\nYou are a helpful assistant.")
+    for row, s in enumerate(samples):
+        assert _loss_text(batch, processor, row) == s.record.target_text() + "<|im_end|>"
+
+
+def test_template_that_rewrites_history_is_refused(mp):
+    _, processor = mp
+    original = processor.chat_template
+    processor.chat_template = "{{ messages | length }}" + original  # every render starts differently
+    try:
+        with pytest.raises(VlrlError, match="growing prefixes"):
+            collate_for_training(_mixed()[:1], processor, max_length=256)
+    finally:
+        processor.chat_template = original

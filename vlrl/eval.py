@@ -167,7 +167,7 @@ def evaluate(
     its device) and score every response."""
     if isinstance(model, tuple):
         net, processor = model
-        model_name = type(net).__name__
+        model_name = getattr(net, "name_or_path", "") or type(net).__name__
     else:
         from vlrl.model.loading import load_model, load_processor
 
@@ -223,25 +223,28 @@ def load_eval_samples(path: Path, *, limit: int | None, on_bad_image: Literal["e
     return samples, skipped
 
 
-def _cell(score: Score | None) -> str:
-    return "" if score is None else f"{100 * score.accuracy:5.1f} ({score.n})"
+def _pct(score: Score | None) -> str:
+    return "" if score is None else f"{100 * score.accuracy:.1f}"
 
 
 def render_table(report: EvalReport) -> Table:
-    """Accuracy % (count): families by difficulty, then one row per task."""
+    """Accuracy % by difficulty for each family, then each task; counts per
+    cell are in the JSON report, the table keeps each row's total."""
     table = Table(title=f"eval {report.model} on {report.data}: {100 * report.accuracy:.1f}% of {report.n}")
-    table.add_column("family / task")
+    table.add_column("family / task", no_wrap=True)
     for d in DIFFICULTIES:
-        table.add_column(f"d{d}", justify="right")
-    table.add_column("all", justify="right")
-    for name, cells in report.families.items():
-        table.add_row(name, *(_cell(cells.get(d)) for d in DIFFICULTIES), _cell(cells["all"]))
-    table.add_section()
-    for name, cells in report.tasks.items():
-        table.add_row(f"  {name}", *(_cell(cells.get(d)) for d in DIFFICULTIES), _cell(cells["all"]))
-    notes = [f"{report.tokens_per_second:.0f} tok/s"]
+        table.add_column(f"d{d} %", justify="right")
+    table.add_column("all %", justify="right")
+    table.add_column("n", justify="right")
+    sections = [("", report.families), ("  ", report.tasks)]
+    for k, (indent, grid) in enumerate(sections):
+        if k:
+            table.add_section()
+        for name, cells in grid.items():
+            table.add_row(indent + name, *(_pct(cells.get(d)) for d in DIFFICULTIES), _pct(cells["all"]), str(cells["all"].n))
+    notes = [f"{report.tokens_per_second:.0f} generated tok/s"]
     if report.unfinished:
-        notes.append(f"{report.unfinished} unfinished")
+        notes.append(f"{report.unfinished} unfinished (no end token in max_new_tokens)")
     if report.skipped:
         notes.append(f"{len(report.skipped)} skipped (bad image)")
     table.caption = ", ".join(notes)

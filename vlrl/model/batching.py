@@ -32,7 +32,7 @@ import torch
 from PIL import Image
 
 from vlrl.data.records import Message, Record
-from vlrl.errors import DataError
+from vlrl.errors import DataError, VlrlError
 
 IGNORE_INDEX = -100  # label value that the loss skips
 
@@ -70,9 +70,9 @@ def assistant_char_spans(processor, messages: list[dict], full: str) -> list[tup
         before = _render_prompt(processor, messages[:i])
         through = _render(processor, messages[: i + 1], add_generation_prompt=False)
         if not (through.startswith(before) and full.startswith(through)):
-            raise ValueError(
-                "the chat template does not render conversations as growing prefixes "
-                f"(assistant turn {i}); cannot locate assistant tokens for the loss mask"
+            raise VlrlError(
+                f"the checkpoint's chat template does not render conversations as growing prefixes (assistant turn {i}), "
+                "so vlrl cannot locate the assistant tokens for the loss mask; use loss_on='all' or a ChatML template"
             )
         spans.append((len(before), len(through.rstrip())))
     return spans
@@ -210,7 +210,7 @@ def collate_for_training(
     if not samples:
         raise ValueError("collate_for_training got an empty list of samples")
     encoded, vision = _encode_samples(samples, processor, add_generation_prompt=False, loss_on=loss_on)
-    vision_end = getattr(processor.tokenizer, "convert_tokens_to_ids")("<|vision_end|>")
+    vision_end = processor.tokenizer.convert_tokens_to_ids("<|vision_end|>")
     encoded = [_truncate(e, max_length, s.record.id, vision_end) for e, s in zip(encoded, samples)]
     labels = [[tok if keep else IGNORE_INDEX for tok, keep in zip(e.input_ids, e.loss_mask)] for e in encoded]
     batch = {

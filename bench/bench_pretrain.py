@@ -32,6 +32,7 @@ from sft.trainer import LoopHooks, make_optimizer, optimizer_step, train_steps
 from vlrl.data.images import RecordDataset
 from vlrl.data.io import split_path
 from vlrl.data.synth import corpus_texts, make_dataset
+from vlrl.device import resolve_device
 from vlrl.model.batching import collate_for_training
 from vlrl.model.loading import load_model, load_processor
 from vlrl.model.tiny import init_tiny_model
@@ -84,6 +85,7 @@ def main() -> None:
     ap.add_argument("--checkpoint-every", type=int, default=100, help="as in recipes/tiny.yaml (50-100)")
     args = ap.parse_args()
 
+    resolve_device("cpu").configure()
     work = Path(tempfile.mkdtemp(prefix="vlrl-bench-"))
     make_dataset(work / "data", seed=0, n=600, n_eval=10)
     init_tiny_model(work / "model", corpus_texts(0, 5000), preset="tiny", seed=0)

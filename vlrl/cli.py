@@ -130,7 +130,9 @@ def eval_cmd(
     from vlrl.eval import evaluate, render_table
 
     data_file = data if data.is_file() else split_path(data, split)
-    report = evaluate(model, data_file, batch_size=batch_size, max_new_tokens=max_new_tokens, limit=limit, device=resolve_device(device).kind)
+    spec = resolve_device(device)
+    spec.configure()
+    report = evaluate(model, data_file, batch_size=batch_size, max_new_tokens=max_new_tokens, limit=limit, device=spec.kind)
     console.print(render_table(report))
     if json_out:
         report.to_json(json_out)

@@ -39,6 +39,18 @@ class DeviceSpec:
             return torch.npu.memory_allocated()  # type: ignore[attr-defined]
         return 0
 
+    def configure(self, threads: int | None = None) -> None:
+        """Process-wide runtime settings for this device, applied once before work starts.
+
+        On CPU, denormal floats (which small-init models produce in backward) make
+        matmuls 10-30x slower; flushing them to zero costs nothing measurable in
+        accuracy (measured here: a tiny-model step went from 2-8 s to 0.25 s).
+        """
+        if threads:
+            torch.set_num_threads(threads)
+        if self.kind == "cpu":
+            torch.set_flush_denormal(True)
+
     def synchronize(self) -> None:
         if self.kind == "cuda":
             torch.cuda.synchronize()

@@ -120,13 +120,6 @@ def _load_impl(kind: str) -> Callable[[StageContext], dict]:
     return getattr(importlib.import_module(module), fn)
 
 
-def _apply_threads(recipe: Recipe) -> None:
-    import torch
-
-    if recipe.threads:
-        torch.set_num_threads(recipe.threads)
-
-
 def run_stage(recipe: Recipe, name: str, *, console: Console | None = None, base: Path | None = None, require_inputs: bool = True) -> dict:
     """Run one stage (resuming it if it was interrupted), then its eval; write DONE.json."""
     console = console or Console()
@@ -139,7 +132,7 @@ def run_stage(recipe: Recipe, name: str, *, console: Console | None = None, base
             if ref in recipe.stages and not is_complete(base / ref) and not getattr(recipe.stages[ref], "path", None):
                 raise VlrlError(f"stage {name!r} needs stage {ref!r} ({ref_key}), which is not complete; run `vlrl run` or `vlrl stage {ref}` first")
     device = resolve_device(recipe.device)
-    _apply_threads(recipe)
+    device.configure(recipe.threads)
     stage_dir.mkdir(parents=True, exist_ok=True)
     ctx = StageContext(recipe, name, stage_dir, device, console, resolve_inputs(recipe, name, base))
     console.rule(f"[bold]stage {name}[/] ({st.kind})")

@@ -158,7 +158,7 @@ class RewardModelWorker:
 
         self.torch = torch
         self.device = resolve_device(device).torch_device
-        self.tok = AutoTokenizer.from_pretrained(path)
+        self.tok = _load_tokenizer(path, AutoTokenizer)
         if self.tok.pad_token is None:
             self.tok.pad_token = self.tok.eos_token or self.tok.unk_token
         self.model = AutoModelForSequenceClassification.from_pretrained(path).to(self.device).eval()
@@ -184,6 +184,23 @@ class RewardModelWorker:
 
     def ping(self) -> bool:
         return True
+
+
+def _load_tokenizer(path: str, auto):
+    """AutoTokenizer, except for a plain tokenizer.json saved as such: transformers 5 would rebuild
+    it as the model type's tokenizer class (Qwen2's byte-level BPE rules on a word-level vocab)."""
+    import json
+
+    from transformers import PreTrainedTokenizerFast
+
+    cfg = Path(path) / "tokenizer_config.json"
+    try:
+        cls = json.loads(cfg.read_text()).get("tokenizer_class") if cfg.is_file() else None
+    except (OSError, ValueError):
+        cls = None
+    if cls in ("TokenizersBackend", "PreTrainedTokenizerFast") and (Path(path) / "tokenizer.json").is_file():
+        return PreTrainedTokenizerFast.from_pretrained(path)
+    return auto.from_pretrained(path)
 
 
 @reward("hf_reward_model", kind="model", batched=True)

@@ -78,7 +78,8 @@ class GateConfig(BaseModel):
     rule: str  # component name; None / failure from it means "cannot decide"
     model: str  # component name; asked only for the samples the rule left undecided
     weight: float = 1.0
-    correct_at: float | None = None  # None = the rule's correct_at
+    model_correct_at: float | None = None  # a model score at or above this is "correct"; None = unknown
+    # (where the rule decided, the rule's own correct_at applies)
 
 
 DEFAULT_COMPONENTS: dict[str, dict] = {
@@ -524,9 +525,8 @@ class RewardStack:
         for name in p.route:
             if name in self.gates:
                 g = self.gates[name]
-                src = self.components[g.rule if p.gate_src.get(name) == "rule" else g.model]
-                thr = g.correct_at if g.correct_at is not None else self.components[g.rule].correct_at
-                val = p.components.get(f"{src.name}/raw", p.components.get(name)) if p.gate_src.get(name) == "model" else p.components.get(name)
+                thr = self.components[g.rule].correct_at if p.gate_src.get(name) == "rule" else g.model_correct_at
+                val = p.components.get(name)  # the raw rule or model value
                 if name not in p.failures and val is not None and thr is not None:
                     verdicts.append(val >= thr)
             elif name in self.components:

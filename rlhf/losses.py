@@ -1,0 +1,247 @@
+"""Policy losses (through verl's registry), the entropy bonus, and the whole actor loss.
+
+`policy_loss` calls any loss registered with `core_algos.register_policy_loss` the way
+verl's own `ppo_loss` does: one `ActorConfig` built from our `LossConfig`, the loss
+aggregation mode, and optional rollout importance-sampling weights.
+
+PPO-clip ("vanilla") per token, rho = exp(logp - old_logp), A = advantage:
+    L = max(-A rho, -A clip(rho, 1 - eps_low, 1 + eps_high))        clip-higher: eps_high > eps_low
+    L = min(L, -c A) where A < 0                                     dual clip (Ye et al. 2020)
+then aggregated with `agg_mode` (rlhf/agg.py).
+
+Where we depart from the papers / from verl:
+- GRPO's paper averages per sequence then over the group (seq-mean-token-mean); our
+  default is token-mean (DAPO), since long answers otherwise get a smaller per-token
+  gradient. Dr.GRPO's fixed divisor is `loss_scale_factor`, which we ask to set to the max
+  response length: verl's default (the padded width) changes with each batch's padding.
+- verl always applies dual clip; `dual_clip_c: null` turns it off (c = 1e9).
+- KL and entropy use the loss's `agg_mode` too (as verl does); the entropy bonus is
+  subtracted from the loss.
+
+Our loss, `vlrl_seq_mask`: PPO-clip plus the off-policy sequence masking of DeepSeek-V3.2
+(technical report, 2025): a sequence with negative advantage whose mean log(pi_old / pi_theta)
+over its tokens exceeds `seq_mask_delta` is dropped from the loss. Negative-advantage
+samples the policy has already moved far away from give large, noisy gradients; this
+matters with several epochs/mini-batches per step and with stale (async) rollouts. The
+mask is computed without gradient and the remaining tokens are aggregated as usual.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import verl.utils.torch_functional as verl_F
+from verl.trainer.config import RolloutCorrectionConfig
+from verl.trainer.ppo import core_algos
+from verl.workers.config import ActorConfig, PolicyLossConfig
+
+from rlhf.agg import LossNorm, aggregate
+from rlhf.config import LossConfig, MismatchConfig, RLAlgoConfig
+from rlhf.kl import kl_loss
+from rlhf.mismatch import mismatch_metrics, rollout_correction
+
+NO_DUAL_CLIP = 1e9
+
+
+@dataclass
+class VlrlActorConfig(ActorConfig):
+    """verl's ActorConfig plus the settings of our own losses; to use them inside verl's
+    trainer, point the actor config's `_target_` here."""
+
+    seq_mask_delta: float = 0.1
+
+
+def actor_config(cfg: LossConfig, norm: LossNorm | None = None, mismatch: MismatchConfig | None = None) -> VlrlActorConfig:
+    """The verl `ActorConfig` a registered loss reads its settings from.
+
+    Built per call (about 50 us): `global_batch_info` differs per micro-batch, and a shared
+    config mutated in place would be hidden state."""
+    mm = mismatch or MismatchConfig()
+    return VlrlActorConfig(
+        strategy="fsdp",
+        rollout_n=1,
+        ppo_micro_batch_size_per_gpu=1,
+        clip_ratio=cfg.clip_ratio_low,
+        clip_ratio_low=cfg.clip_ratio_low,
+        clip_ratio_high=cfg.clip_ratio_high,
+        clip_ratio_c=cfg.dual_clip_c if cfg.dual_clip_c is not None else NO_DUAL_CLIP,
+        loss_agg_mode=cfg.agg_mode,
+        loss_scale_factor=cfg.loss_scale_factor,
+        tau_pos=cfg.sapo_tau_pos,
+        tau_neg=cfg.sapo_tau_neg,
+        policy_loss=PolicyLossConfig(
+            loss_mode=cfg.name,
+            clip_cov_ratio=cfg.clip_cov_ratio,
+            clip_cov_lb=cfg.clip_cov_lb,
+            clip_cov_ub=cfg.clip_cov_ub,
+            kl_cov_ratio=cfg.kl_cov_ratio,
+            ppo_kl_coef=cfg.kl_cov_coef,
+            dro_beta=cfg.dro_beta,
+            rollout_correction=RolloutCorrectionConfig(
+                rollout_is=mm.is_level,
+                rollout_is_threshold=mm.is_threshold,
+                rollout_is_batch_normalize=mm.is_batch_normalize,
+                rollout_rs=mm.rejection,
+                rollout_rs_threshold=mm.rejection_threshold,
+                bypass_mode=cfg.name == "bypass_mode",
+            ),
+        ),
+        global_batch_info=(norm or LossNorm()).as_kwargs(cfg.loss_scale_factor),
+        seq_mask_delta=cfg.seq_mask_delta,
+    )
+
+
+def policy_loss(
+    old_logprobs: torch.Tensor,  # (B, T) logprobs under the weights that sampled (trainer side)
+    logprobs: torch.Tensor,  # (B, T) current policy, with grad
+    advantages: torch.Tensor,  # (B, T)
+    response_mask: torch.Tensor,  # (B, T)
+    cfg: RLAlgoConfig,
+    rollout_logprobs: torch.Tensor | None = None,  # (B, T) sampler logprobs (vLLM)
+    *,
+    rollout_is_weights: torch.Tensor | None = None,  # (B, T) precomputed by rollout_correction
+    norm: LossNorm | None = None,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """-> (policy-gradient loss scalar, metrics).
+
+    With `rollout_logprobs`, mismatch metrics are logged and, when `cfg.mismatch` asks for
+    it, truncated IS weights / rejection are computed here from this batch alone; pass
+    `rollout_is_weights` from a per-step `rollout_correction` call instead when mini-batches
+    should share batch-level normalisation. `bypass_mode` computes its own weights."""
+    mask = response_mask.float()
+    metrics: dict[str, float] = {}
+    is_weights = rollout_is_weights
+    if rollout_logprobs is not None:
+        metrics.update(mismatch_metrics(old_logprobs, rollout_logprobs, mask))
+        if is_weights is None and cfg.loss.name != "bypass_mode":
+            is_weights, mask, corr = rollout_correction(old_logprobs, rollout_logprobs, mask, cfg.mismatch)
+            metrics.update(corr)
+    fn = core_algos.get_policy_loss_fn(cfg.loss.name)
+    loss, pg_metrics = fn(
+        old_log_prob=old_logprobs.detach(),
+        log_prob=logprobs,
+        advantages=advantages.detach(),
+        response_mask=mask,
+        loss_agg_mode=cfg.loss.agg_mode,
+        config=actor_config(cfg.loss, norm, cfg.mismatch),
+        rollout_is_weights=is_weights,
+    )
+    metrics.update({k: float(v) for k, v in pg_metrics.items()})
+    metrics["actor/pg_loss"] = float(loss.detach())
+    return loss, metrics
+
+
+def token_entropy(logits: torch.Tensor) -> torch.Tensor:
+    """Entropy of the next-token distribution per position: (B, T, V) -> (B, T)."""
+    return verl_F.entropy_from_logits(logits.float())
+
+
+def entropy_term(
+    response_mask: torch.Tensor,  # (B, T)
+    coef: float,
+    agg_mode: str,
+    *,
+    entropy: torch.Tensor | None = None,  # (B, T) per-token entropies
+    logits: torch.Tensor | None = None,  # (B, T, V), used when `entropy` is not given
+    norm: LossNorm | None = None,
+    loss_scale_factor: int | None = None,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """-> (-coef * aggregated entropy, to add to the loss; metrics)."""
+    if entropy is None:
+        if logits is None:
+            raise ValueError("entropy_term needs per-token entropy or logits")
+        entropy = token_entropy(logits)
+    ent = aggregate(entropy, response_mask, agg_mode, norm, loss_scale_factor)
+    return -coef * ent, {"actor/entropy": float(ent.detach())}
+
+
+def actor_loss(
+    logprobs: torch.Tensor,  # (B, T) current policy, with grad
+    old_logprobs: torch.Tensor,  # (B, T)
+    advantages: torch.Tensor,  # (B, T)
+    response_mask: torch.Tensor,  # (B, T)
+    cfg: RLAlgoConfig,
+    *,
+    kl_coef: float = 0.0,  # this step's coefficient (rlhf.kl controllers)
+    ref_logprobs: torch.Tensor | None = None,  # (B, T) reference policy
+    entropy: torch.Tensor | None = None,  # (B, T) per-token entropy of the current policy
+    rollout_logprobs: torch.Tensor | None = None,  # (B, T)
+    rollout_is_weights: torch.Tensor | None = None,  # (B, T)
+    norm: LossNorm | None = None,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """pg loss + kl_coef * KL(policy || ref) - entropy_coef * entropy -> (loss, metrics)."""
+    loss, metrics = policy_loss(
+        old_logprobs,
+        logprobs,
+        advantages,
+        response_mask,
+        cfg,
+        rollout_logprobs,
+        rollout_is_weights=rollout_is_weights,
+        norm=norm,
+    )
+    if kl_coef > 0:
+        if ref_logprobs is None:
+            raise ValueError("a KL coefficient > 0 needs ref_logprobs")
+        kl = kl_loss(logprobs, ref_logprobs.detach(), response_mask, cfg.kl.kind, cfg.loss.agg_mode, norm, cfg.loss.loss_scale_factor)
+        loss = loss + kl_coef * kl
+        metrics["actor/kl_loss"] = float(kl.detach())
+    metrics["actor/kl_coef"] = float(kl_coef)
+    if entropy is not None:
+        ent_term, ent_metrics = entropy_term(
+            response_mask, cfg.entropy.coef, cfg.loss.agg_mode, entropy=entropy, norm=norm, loss_scale_factor=cfg.loss.loss_scale_factor
+        )
+        if cfg.entropy.coef > 0:
+            loss = loss + ent_term
+        metrics.update(ent_metrics)
+    elif cfg.entropy.coef > 0:
+        raise ValueError("entropy.coef > 0 needs per-token entropy")
+    metrics["actor/loss"] = float(loss.detach())
+    return loss, metrics
+
+
+# --------------------------------------------------------------------------- our loss
+
+
+def compute_policy_loss_seq_mask(
+    old_log_prob: torch.Tensor,  # (B, T)
+    log_prob: torch.Tensor,  # (B, T)
+    advantages: torch.Tensor,  # (B, T)
+    response_mask: torch.Tensor,  # (B, T)
+    loss_agg_mode: str = "token-mean",
+    config: Any = None,
+    rollout_is_weights: torch.Tensor | None = None,  # (B, T)
+) -> tuple[torch.Tensor, dict[str, Any]]:
+    """PPO-clip with DeepSeek-V3.2 off-policy sequence masking (see the module docstring).
+
+    Reads `seq_mask_delta` from the config when it has one (our `ActorConfig` does, a verl
+    DictConfig may), else uses 0.1."""
+    assert config is not None
+    delta = config.get("seq_mask_delta", None)
+    delta = 0.1 if delta is None else float(delta)
+    mask = response_mask.to(log_prob.dtype)
+    with torch.no_grad():
+        n = mask.sum(-1).clamp(min=1)  # (B,)
+        drift = ((old_log_prob - log_prob.detach()) * mask).sum(-1) / n  # (B,) mean log(pi_old / pi_theta)
+        seq_adv = (advantages * mask).sum(-1)  # (B,) sign of the sequence advantage
+        drop = (seq_adv < 0) & (drift > delta)  # (B,)
+        keep = (~drop).to(mask.dtype).unsqueeze(-1)  # (B, 1)
+        has_tokens = (mask.sum(-1) > 0).float()
+        drop_frac = float((drop.float() * has_tokens).sum() / has_tokens.sum().clamp(min=1))
+    loss, metrics = core_algos.compute_policy_loss_vanilla(
+        old_log_prob=old_log_prob,
+        log_prob=log_prob,
+        advantages=advantages,
+        response_mask=mask * keep,
+        loss_agg_mode=loss_agg_mode,
+        config=config,
+        rollout_is_weights=rollout_is_weights,
+    )
+    metrics = dict(metrics)
+    metrics["actor/seq_mask_frac"] = drop_frac
+    return loss, metrics
+
+
+core_algos.register_policy_loss("vlrl_seq_mask")(compute_policy_loss_seq_mask)

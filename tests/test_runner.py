@@ -1,0 +1,155 @@
+"""The recipe runner end to end on the micro model: chain, skip, kill-and-resume, bad images."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from safetensors.torch import load_file
+
+from vlrl.recipe import validate_recipe
+from vlrl.runner import run_recipe
+from vlrl.tracking import read_metrics
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def micro_recipe(run_dir: Path, **pretrain) -> dict:
+    return {
+        "name": "micro",
+        "run_dir": str(run_dir),
+        "device": "cpu",
+        "threads": 1,
+        "tracking": {"tensorboard": True},
+        "eval": {"data": "data", "limit": 12, "batch_size": 12, "max_new_tokens": 8},
+        "stages": {
+            "data": {"n": 80, "n_eval": 12, "seed": 1},
+            "model": {"preset": "micro", "corpus_size": 300, "eval": False},
+            "pretrain": {
+                "from": "model",
+                "data": "data",
+                "batch_size": 4,
+                "max_length": 160,
+                "checkpoint_every": 2,
+                "log_every": 1,
+                "phases": [
+                    {"name": "language", "trainable": "language", "select": {"families": ["text"]}, "loss_on": "all", "steps": 2},
+                    {"name": "warmup", "trainable": "vision+projector", "select": {"families": ["perception"]}, "steps": 2},
+                    {"name": "multitask", "trainable": "all", "steps": pretrain.pop("steps", 4)},
+                ],
+                **pretrain,
+            },
+        },
+    }
+
+
+def _write(tmp_path: Path, raw: dict, name: str = "r.yaml") -> Path:
+    p = tmp_path / name
+    p.write_text(yaml.safe_dump(raw))
+    return p
+
+
+def _cli(*args: str, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "vlrl.cli", *args], capture_output=True, text=True, cwd=ROOT, **kw)
+
+
+def test_chain_runs_then_skips(tmp_path):
+    raw = micro_recipe(tmp_path / "run")
+    recipe = validate_recipe(raw)
+    done = run_recipe(recipe)
+    assert [d["stage"] for d in done] == ["data", "model", "pretrain"]
+    pre = tmp_path / "run" / "pretrain"
+    assert (pre / "checkpoint" / "config.json").is_file() and (pre / "DONE.json").is_file()
+    ev = json.loads((pre / "eval.json").read_text())
+    assert ev["n"] == 12 and 0.0 <= ev["accuracy"] <= 1.0
+    rows = read_metrics(pre / "metrics.jsonl")
+    steps = [r["step"] for r in rows if "train/loss" in r]
+    assert steps == list(range(1, 9))  # 2 + 2 + 4 optimizer steps, logged every step
+    assert any((pre / "tb").iterdir())
+    before = (pre / "DONE.json").read_text()
+    again = run_recipe(recipe)
+    assert (pre / "DONE.json").read_text() == before  # skipped, not rerun
+    assert again[2]["fingerprint"] == done[2]["fingerprint"]
+
+
+def _final_weights(run: Path) -> dict:
+    return load_file(str(run / "pretrain" / "checkpoint" / "model.safetensors"))
+
+
+@pytest.mark.timeout(600)
+def test_sigkill_then_rerun_resumes_bitwise(tmp_path):
+    ref_recipe = _write(tmp_path, micro_recipe(tmp_path / "ref", steps=10), "ref.yaml")
+    res = _cli("run", str(ref_recipe), "pretrain.eval=false")
+    assert res.returncode == 0, res.stderr[-2000:]
+
+    killed_recipe = _write(tmp_path, micro_recipe(tmp_path / "killed", steps=10), "killed.yaml")
+    proc = subprocess.Popen([sys.executable, "-m", "vlrl.cli", "run", str(killed_recipe), "pretrain.eval=false"],
+                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    state = tmp_path / "killed" / "pretrain" / "state" / "trainer_state.json"
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        if state.is_file() and json.loads(state.read_text())["phase"] == 2 and json.loads(state.read_text())["step"] >= 2:
+            break
+        time.sleep(0.05)
+    else:
+        pytest.fail("the run never reached a mid-phase checkpoint")
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (tmp_path / "killed" / "pretrain" / "DONE.json").exists()
+
+    res = _cli("run", str(killed_recipe), "pretrain.eval=false")
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "resuming" in res.stdout and "complete, skipped" in res.stdout  # data and model were not redone
+    ref, got = _final_weights(tmp_path / "ref"), _final_weights(tmp_path / "killed")
+    assert ref.keys() == got.keys()
+    for k in ref:
+        assert (ref[k] == got[k]).all(), k
+    rows = read_metrics(tmp_path / "killed" / "pretrain" / "metrics.jsonl")
+    assert [r["step"] for r in rows if "train/loss" in r] == list(range(1, 15))
+
+
+def _break_one_image(run: Path) -> tuple[str, int]:
+    lines = (run / "data" / "train.jsonl").read_text().splitlines()
+    for row, line in enumerate(lines, start=1):
+        rec = json.loads(line)
+        if rec["images"]:
+            (run / "data" / rec["images"][0]).write_bytes(b"not a png")
+            return rec["images"][0], row
+    raise AssertionError("no image record")
+
+
+def test_corrupt_image_errors_with_file_and_row(tmp_path):
+    raw = micro_recipe(tmp_path / "run")
+    p = _write(tmp_path, raw)
+    assert _cli("stage", "data", str(p)).returncode == 0
+    assert _cli("stage", "model", str(p)).returncode == 0
+    image, row = _break_one_image(tmp_path / "run")
+    res = _cli("stage", "pretrain", str(p), "pretrain.phases.2.steps=40")
+    assert res.returncode == 2
+    assert "train.jsonl" in res.stderr and f"line {row}" in res.stderr and image in res.stderr
+    assert "Traceback" not in res.stderr
+
+
+def test_corrupt_image_skipped_and_counted(tmp_path):
+    raw = micro_recipe(tmp_path / "run", on_bad_image="skip", steps=40)
+    p = _write(tmp_path, raw)
+    assert _cli("stage", "data", str(p)).returncode == 0
+    assert _cli("stage", "model", str(p)).returncode == 0
+    _break_one_image(tmp_path / "run")
+    res = _cli("stage", "pretrain", str(p), "pretrain.eval=false")
+    assert res.returncode == 0, res.stderr[-2000:]
+    rows = read_metrics(tmp_path / "run" / "pretrain" / "metrics.jsonl")
+    assert rows[-1]["data/skipped"] >= 1
+
+
+def test_stage_refuses_missing_input(tmp_path):
+    p = _write(tmp_path, micro_recipe(tmp_path / "run"))
+    res = _cli("stage", "pretrain", str(p))
+    assert res.returncode == 2 and "needs stage 'model'" in res.stderr

@@ -82,7 +82,7 @@ def test_named_components_and_sub_weights():
 
 def test_gating_uses_the_rule_where_it_decides_and_the_model_elsewhere():
     cfg = {
-        "components": {"rule": f"{P}:maybe", "model": {"fn": f"{P}:fake_model", "isolate": False}},
+        "components": {"rule": {"fn": f"{P}:maybe", "correct_at": 1.0}, "model": {"fn": f"{P}:fake_model", "isolate": False}},
         "gates": {"acc": {"rule": "rule", "model": "model", "weight": 1.0, "model_correct_at": 1.0}},
         "default_route": ["acc"],
         "routing": {},

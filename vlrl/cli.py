@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import os
 import sys
 from pathlib import Path
 from typing import Optional
@@ -150,6 +151,11 @@ _mount_subcommands()
 
 
 def main() -> None:
+    # Models come from local folders only; never let a typo turn into a hub download.
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    # transformers' per-load progress bars drown the stage output.
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     try:
         app()
     except VlrlError as e:

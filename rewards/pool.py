@@ -277,9 +277,13 @@ class WorkerPool:
                 if not w.busy and queue and w.proc.is_alive():
                     self._dispatch(w, queue.popleft(), out)
             if self._boot_failures >= 3:  # workers cannot even start: fail what is left
+                msg = (
+                    "reward worker processes fail to start (see stderr); a script that scores rewards must "
+                    "guard its top level with `if __name__ == \"__main__\":` (workers are spawned)"
+                )
                 for chunk in list(queue) + [list(w.waiting.values()) for w in self._workers]:
                     for c in chunk:
-                        out.setdefault(c.id, CallOutcome(failure("reward worker processes fail to start (see stderr)", len(c.samples)), 0.0))
+                        out.setdefault(c.id, CallOutcome(failure(msg, len(c.samples)), 0.0))
                 break
             waitables = [w.conn for w in self._workers] + [w.proc.sentinel for w in self._workers]
             mpc.wait(waitables, timeout=self._wait_timeout())
@@ -291,6 +295,8 @@ class WorkerPool:
                 except (EOFError, OSError):
                     dead = True
                 if dead or not w.proc.is_alive():
+                    if not w.ready:  # died while starting: importing the parent's script, a plugin module, ...
+                        self._boot_failures += 1
                     self._replace(i, w, out, queue, attempts, reason=self._death_reason(w))
                     continue
                 self._check_deadline(i, w, out, queue, attempts)

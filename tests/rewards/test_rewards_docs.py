@@ -1,0 +1,76 @@
+"""docs/rewards.md's worked example runs as written (files, Python, CLI)."""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+from typer.testing import CliRunner
+
+from rewards.cli import app
+
+ROOT = Path(__file__).resolve().parents[2]
+DOC = ROOT / "docs" / "rewards.md"
+FENCE = re.compile(r"^```(\w+)([^\n]*)\n(.*?)^```", re.S | re.M)
+
+
+def _blocks():
+    return [(lang, info.strip(), body) for lang, info, body in FENCE.findall(DOC.read_text())]
+
+
+def test_worked_example_runs(tmp_path):
+    blocks = _blocks()
+    files = [(info[5:], body) for _, info, body in blocks if info.startswith("file=")]
+    runs = [body for lang, info, body in blocks if lang == "python" and info == "run"]
+    assert {"my_rewards.py", "stack.yaml", "answers.jsonl"} <= {f for f, _ in files} and runs
+    for name, body in files:
+        (tmp_path / name).write_text(body)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    for body in runs:
+        (tmp_path / "run.py").write_text(body)
+        out = subprocess.run([sys.executable, "run.py"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
+        assert out.returncode == 0, out.stderr[-3000:]
+
+
+def test_documented_cli_command_runs(tmp_path, monkeypatch):
+    blocks = _blocks()
+    for _, info, body in blocks:
+        if info.startswith("file="):
+            (tmp_path / info[5:]).write_text(body)
+    commands = [ln[2:] for lang, _, body in blocks if lang == "console" for ln in body.splitlines() if ln.startswith("$ vlrl rewards ")]
+    assert commands
+    monkeypatch.chdir(tmp_path)
+    for cmd in commands:
+        argv = shlex.split(cmd)[2:] + ["--workers", "1"]
+        res = CliRunner().invoke(app, argv)
+        assert res.exit_code == 0, res.output
+        assert "mentions_units" in res.output and "samples/s" in res.output
+
+
+def test_cli_list_and_errors(tmp_path):
+    res = CliRunner().invoke(app, ["list"])
+    assert res.exit_code == 0 and "math_accuracy" in res.output and "openai_judge" in res.output
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"response": "x"}\nnot json\n')
+    res = CliRunner().invoke(app, ["test", "exact_match", "--data", str(bad), "--workers", "0"])
+    assert res.exit_code == 1 and "bad.jsonl:2" in res.output
+    res = CliRunner().invoke(app, ["test", "no_such_reward", "--data", str(bad), "--workers", "0"])
+    assert res.exit_code == 1
+
+
+def test_cli_reads_records_and_reports_failures(tmp_path):
+    hostile = Path(__file__).with_name("rewards_hostile_corpus.py")
+    data = tmp_path / "d.jsonl"
+    rows = [
+        '{"id": "r1", "messages": [{"role": "user", "content": "2+2?"}], "answer": "4", "task": "arith", "response": "\\\\boxed{4}"}',
+        '{"response": "\\\\boxed{5}", "answer": "4", "group_id": "g"}',
+    ]
+    data.write_text("\n".join(rows) + "\n")
+    res = CliRunner().invoke(app, ["test", "math_accuracy", "--data", str(data), "--workers", "0"])
+    assert res.exit_code == 0, res.output
+    res = CliRunner().invoke(app, ["test", f"{hostile}:raises", "--data", str(data), "--workers", "1"])
+    assert res.exit_code == 0 and "ValueError" in res.output and "2 with failures" in res.output

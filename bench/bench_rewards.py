@@ -5,7 +5,7 @@
 Scores math_accuracy + format on N generated responses (plain numbers, LaTeX fractions,
 roots and polynomials, right and wrong, with and without <think>), once in a serial loop
 in this process (math-verify with its own signal timeouts, as a plain script would run
-it) and once through a warm RewardStack pool. Prints samples/s of both and the ratio,
+it) and once through a warm RewardStack pool, alternating over a few slices. Prints samples/s of both and the ratio,
 then the wall time of the hostile corpus (tests/rewards/rewards_hostile_corpus.py),
 which its per-call timeouts bound.
 """
@@ -65,6 +65,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n", type=int, default=10_000)
     ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=4, help="alternate pool and serial over this many slices")
     ap.add_argument("--hostile-timeout", type=float, default=1.0)
     args = ap.parse_args()
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
@@ -72,19 +73,25 @@ def main() -> None:
     samples = make_samples(args.n)
 
     cfg = {"components": {"math_accuracy": "math_accuracy", "format": "format"}, "workers": args.workers, "timeout": 10.0}
+    # pool and serial alternate over `rounds` slices, so a change in the machine's load
+    # during the run falls on both sides alike
+    step = -(-len(samples) // args.rounds)
+    slices = [samples[i : i + step] for i in range(0, len(samples), step)]
+    results, ref, t_pool, t_serial, cpu_parent = [], [], 0.0, 0.0, 0.0
+    warmup()
     with RewardStack.from_config(cfg) as stack:
         t = time.perf_counter()
         stack.start()
         print(f"pool start (spawn + imports): {time.perf_counter() - t:.2f}s")
-        t, cpu = time.perf_counter(), time.process_time()
-        results = stack.score(samples)
-        t_pool, cpu_parent = time.perf_counter() - t, time.process_time() - cpu
+        for part in slices:
+            t, cpu = time.perf_counter(), time.process_time()
+            results += stack.score(part)
+            t_pool += time.perf_counter() - t
+            cpu_parent += time.process_time() - cpu
+            t = time.perf_counter()
+            ref += serial(part)
+            t_serial += time.perf_counter() - t
         stats = stack.pool_stats
-
-    warmup()
-    t = time.perf_counter()
-    ref = serial(samples)
-    t_serial = time.perf_counter() - t
 
     agree = sum(r.components["math_accuracy"] == m and r.components["format"] == f for r, (m, f) in zip(results, ref))
     fails = sum(1 for r in results if r.failures)

@@ -29,6 +29,14 @@ from rollout.store import RolloutQuery, RolloutRow, RolloutStatus, RolloutStore
 TASKS = ["read_digits", "count_shapes", "arith", "color_name", "compare", "chart_qa", "ocr_line", "chat"]
 COMPONENTS = ["accuracy", "format", "length", "diversity", "perception"]
 SORTS = ["total_reward", "advantage", "length", "step", "policy_version", "difficulty", "id", *COMPONENTS]
+# Range filters a user would type, drawn inside each component's own range.
+COMPONENT_FILTERS = {
+    "accuracy": lambda rng: rng.choice([(1.0, None), (None, 0.0)]),
+    "format": lambda rng: rng.choice([(1.0, None), (None, 0.0)]),
+    "length": lambda rng: (rng.uniform(-0.3, 0.0), None),
+    "diversity": lambda rng: (rng.uniform(0.0, 0.2), None),
+    "perception": lambda rng: (None, rng.uniform(0.0, 0.1)),
+}
 WORDS = "the a shape digit colour red blue three seven count answer because so therefore box".split()
 
 
@@ -96,7 +104,7 @@ def random_query(rng: random.Random, n_steps: int) -> RolloutQuery:
         f["length"] = (rng.randint(50, 200), rng.randint(250, 400))
     if rng.random() < 0.3:
         name = rng.choice(COMPONENTS)
-        f["components"] = {name: (rng.uniform(0.0, 0.5), None)}
+        f["components"] = {name: COMPONENT_FILTERS[name](rng)}
     return RolloutQuery(
         **f,
         sort_by=rng.choice(SORTS),

@@ -246,6 +246,15 @@ class HFRewardModel:
                 self._backend = RewardModelWorker(*args)
         return self._backend
 
+    def close(self) -> None:
+        """Stop the actor (the stack calls this on close)."""
+        if self._backend is not None and self.actor:
+            import ray
+
+            if ray.is_initialized():
+                ray.kill(self._backend)
+        self._backend = None
+
     def __call__(self, samples: list[RewardSample]) -> list[float]:
         items = [(s.prompt, final_answer(s.response) if self.answer_only else s.response) for s in samples]
         backend = self._get_backend()
@@ -376,6 +385,12 @@ class OpenAIJudge:
             self._client = httpx.AsyncClient(timeout=self.request_timeout_s, limits=limits)
             self._sem = asyncio.Semaphore(self.max_concurrency)
         return self._client, self._sem
+
+    def close(self) -> None:
+        """Close the HTTP client on the loop it belongs to (the stack calls this on close)."""
+        client, loop, self._client, self._loop = self._client, self._loop, None, None
+        if client is not None and loop is not None and loop.is_running():
+            asyncio.run_coroutine_threadsafe(client.aclose(), loop).result(timeout=5)
 
     def _payload(self, sample: RewardSample) -> dict:
         text = render(self.template, sample, answer_only=self.answer_only)

@@ -303,8 +303,16 @@ class RewardStack:
         return self
 
     def close(self) -> None:
+        """Stop the worker processes, model actors and clients. The stack cannot score after this."""
         if self._pool is not None:
             self._pool.close()
+        for comp in self.components.values():
+            closer = getattr(comp.local, "close", None)
+            if callable(closer):
+                try:
+                    closer()
+                except Exception:  # closing must not hide the caller's own error
+                    pass
         self._threads.shutdown(wait=False, cancel_futures=True)
         if self._loop is not None:
             self._loop.call_soon_threadsafe(self._loop.stop)

@@ -131,7 +131,7 @@ COLUMNS = {
     "timestamp": "r.timestamp",
 }
 MAX_COMPONENTS = 200  # distinct component names one store indexes
-CACHE_MIB = 64  # SQLite page cache per connection
+CACHE_MIB: float = 64  # SQLite page cache per connection
 
 
 class RolloutQuery(BaseModel):
@@ -265,7 +265,7 @@ class RolloutStore:
         self._db.execute(f"PRAGMA busy_timeout={int(timeout_s * 1000)}")
         # Index pages of a 100k-row store are ~20 MiB; the default 2 MiB page cache makes
         # both appends (random index keys) and listings go back to the OS for them.
-        self._db.execute(f"PRAGMA cache_size=-{CACHE_MIB * 1024}")
+        self._db.execute(f"PRAGMA cache_size=-{int(CACHE_MIB * 1024)}")
         if not readonly:
             mode = self._db.execute("PRAGMA journal_mode=WAL").fetchone()[0]
             if mode.lower() != "wal":
@@ -333,7 +333,7 @@ class RolloutStore:
                     marks = ", ".join("?" * (_N_ROW_COLS + len(names)))
                     cur.executemany(
                         f"INSERT INTO rollouts({_ROW_COLS}{extra}) VALUES({marks})",
-                        [(*_row_tuple(i, batch_id, row, h), *(row.components.get(n) for n in names)) for i, (row, h) in zip(ids, encoded)],
+                        ((*_row_tuple(i, batch_id, row, h), *(row.components.get(n) for n in names)) for i, (row, h) in zip(ids, encoded)),
                     )
                     cur.executemany("INSERT INTO responses(id, text) VALUES(?, ?)", [(i, r.response) for i, r in zip(ids, rows)])
             except sqlite3.IntegrityError as e:

@@ -76,3 +76,25 @@ def test_pool_survives_and_keeps_scoring(scored):
 def test_inputs_are_not_mutated(scored):
     _, samples, _, _ = scored
     assert all(s.group == () and s.scores == {} and s.correct is None for s in samples)
+
+
+def test_script_without_main_guard_fails_fast_with_a_hint(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[2]
+    script = tmp_path / "unguarded.py"
+    script.write_text(
+        "from rewards import RewardSample, RewardStack\n"
+        "stack = RewardStack.from_config({'components': {'m': 'exact_match'}, 'workers': 1})\n"
+        "r = stack.score([RewardSample(response='x', answer='x')])[0]\n"
+        "print('FAILURE:', r.failures.get('m'))\n"
+        "stack.close()\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    t0 = time.perf_counter()
+    out = subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "FAILURE:" in out.stdout and "__main__" in out.stdout
+    assert time.perf_counter() - t0 < 60

@@ -169,6 +169,19 @@ def test_hf_reward_model_in_ray_actor_with_gating(ray_rm):
     assert [r.correct for r in rs] == [True, False, True, False]
 
 
+def test_judge_on_an_engine_in_a_ray_actor(ray_rm):
+    import sys
+
+    import ray
+
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the test module is not importable in Ray workers
+    engine = ray.remote(num_cpus=0)(TinyJudgeEngine).remote()
+    with RewardStack.from_config({"components": {"j": "judge"}, "workers": 0}, context={"engine": engine}) as st:
+        rs = st.score([S("it is 4", "4"), S("it is 5", "4")])
+    assert [r.components["j"] for r in rs] == pytest.approx([0.9, 0.2])
+    assert len(ray.get(engine.generate.remote(["Reference answer: 1\nResponse: 1\n"]))) == 1
+
+
 def test_hf_reward_model_rejects_missing_path():
     from vlrl.errors import RecipeError
 

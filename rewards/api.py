@@ -319,9 +319,7 @@ def build_spec(
 
     # options: keyword parameters of the function, or of the class's __init__
     if is_class:
-        opt_params = list(inspect.signature(obj.__init__).parameters.values())[1:]
-        if is_class and any(p.kind == p.VAR_POSITIONAL for p in opt_params):
-            opt_params = [p for p in opt_params if p.kind != p.VAR_POSITIONAL]
+        opt_params = [p for p in list(inspect.signature(obj.__init__).parameters.values())[1:] if p.kind != p.VAR_POSITIONAL]
     else:
         opt_params = call_params[1:]
     options = tuple(p.name for p in opt_params if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD))

@@ -14,6 +14,7 @@ import hashlib
 import importlib
 import importlib.metadata
 import importlib.util
+import inspect
 import sys
 from pathlib import Path
 from typing import Any, Iterator, NamedTuple
@@ -41,7 +42,7 @@ class Registry:
 
     def add(self, spec: RewardSpec) -> None:
         old = self._specs.get(spec.name)
-        if old is not None and old.source != spec.source and _qualified(old.obj) != _qualified(spec.obj):
+        if old is not None and old.source != spec.source and not _same_definition(old.obj, spec.obj):
             raise PluginError(f"{spec.label}: the name {spec.name!r} is already taken by {old.source}; pick another name")
         self._specs[spec.name] = spec
 
@@ -204,5 +205,11 @@ def load_ref(ref: PluginRef) -> Any:
     return obj
 
 
-def _qualified(obj: Any) -> str:
-    return f"{getattr(obj, '__module__', '?')}:{getattr(obj, '__qualname__', '?')}"
+def _same_definition(a: Any, b: Any) -> bool:
+    """The same function or class, possibly imported twice (as a module and by file path)."""
+    if getattr(a, "__qualname__", None) != getattr(b, "__qualname__", None):
+        return False
+    try:
+        return Path(inspect.getsourcefile(a) or "").resolve() == Path(inspect.getsourcefile(b) or "").resolve()
+    except TypeError:
+        return False

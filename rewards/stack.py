@@ -186,12 +186,14 @@ def summarize(results: list[RewardResult], extra: dict[str, float] | None = None
     names = sorted({k for r in results for k in r.components} | {k for r in results for k in r.failures})
     for name in names:
         vals = [r.components[name] for r in results if name in r.components and name not in r.failures and r.components[name] is not None]
-        m[f"reward/{name}/mean"] = sum(vals) / len(vals) if vals else float("nan")
+        if vals:  # no key rather than NaN when nothing had a value
+            m[f"reward/{name}/mean"] = sum(vals) / len(vals)
         m[f"reward/{name}/fail_count"] = float(sum(1 for r in results if name in r.failures))
         m[f"reward/{name}/none_count"] = float(sum(1 for r in results if name in r.components and r.components[name] is None))
         m[f"reward/{name}/time_s"] = sum(r.timings.get(name, 0.0) for r in results)
     known = [r.correct for r in results if r.correct is not None]
-    m["reward/correct_rate"] = sum(known) / len(known) if known else float("nan")
+    if known:
+        m["reward/correct_rate"] = sum(known) / len(known)
     m["reward/fail_count"] = float(sum(1 for r in results if r.failures))
     m.update(extra or {})
     return m
@@ -246,6 +248,7 @@ class RewardStack:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_thread: threading.Thread | None = None
         self._last_metrics: dict[str, float] = {}
+        self._lock = threading.Lock()
 
     @classmethod
     def from_config(cls, cfg: RewardStackConfig | dict | None = None, *, registry: Registry | None = None, context: dict[str, Any] | None = None) -> "RewardStack":
@@ -342,6 +345,11 @@ class RewardStack:
         return list(dict.fromkeys([*route, *cfg.always]))
 
     def score(self, samples: list[RewardSample]) -> list[RewardResult]:
+        """Score a batch; one call at a time per stack (calls from several threads take turns)."""
+        with self._lock:
+            return self._score(samples)
+
+    def _score(self, samples: list[RewardSample]) -> list[RewardResult]:
         t0 = time.perf_counter()
         before = dataclasses.replace(self.pool_stats)
         work = _with_groups(samples)

@@ -181,3 +181,36 @@ def test_config_module_imports_without_torch_or_verl():
     code = "import sys, rlhf.config; print('torch' in sys.modules, 'verl' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     assert out == ["False", "False"]
+
+
+def test_every_metric_we_emit_is_in_the_glossary():
+    from pathlib import Path
+
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "rl-algorithms.md").read_text()
+    b, t = 4, 4
+    mask = torch.ones(b, t)
+    old = torch.full((b, t), -1.0)
+    logp = (old + 0.05 * torch.linspace(-1, 1, b * t).reshape(b, t)).requires_grad_(True)
+    adv = torch.tensor([[1.0], [-1.0], [0.5], [-0.5]]).expand(b, t)
+    keys: set[str] = set()
+    for name in A.LOSSES:
+        cfg = A.RLAlgoConfig(
+            loss=A.LossConfig(name=name, dro_beta=0.1 if name == "dro" else None),
+            mismatch=A.MismatchConfig(is_level="token", rejection="seq_mean_k3", rejection_threshold=0.5),
+            entropy=A.EntropyConfig(coef=0.01),
+        )
+        _, m = A.actor_loss(logp, old, adv, mask, cfg, kl_coef=0.1, ref_logprobs=old, entropy=torch.ones(b, t), rollout_logprobs=old + 0.01)
+        keys |= set(m)
+    keys |= set(A.compute_advantages(A.outcome_to_token_rewards(torch.rand(b), mask), mask, [0, 0, 1, 1], A.AdvantageConfig())[2])
+    keys |= set(A.filter_groups([0, 0, 1, 1], [1, 1, 0, 1]).metrics)
+    keys |= set(A.mask_truncated(mask, ["stop"] * b)[1])
+    ours = {k for k in keys if not k.startswith("rollout_corr/")}
+    assert len(ours) > 20
+    missing = sorted(k for k in ours if f"`{k}`" not in doc and not _grouped(k, doc))
+    assert missing == []
+    assert "`rollout_corr/*`" in doc
+
+
+def _grouped(key: str, doc: str) -> bool:
+    """`mismatch/abs_diff_mean` may be documented as part of "`a`, `b`" rows only by full name."""
+    return False

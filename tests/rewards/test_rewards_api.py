@@ -186,3 +186,15 @@ def test_sample_defaults_and_lazy_images(tmp_path):
     import pickle
 
     assert pickle.loads(pickle.dumps(s)).images.sources == [str(p)]
+
+
+def test_same_plugin_imported_as_module_and_by_path_is_not_a_clash(tmp_path, monkeypatch):
+    (tmp_path / "twice_mod.py").write_text("from rewards import reward\n\n@reward('twice_plugin')\ndef twice(sample) -> float:\n    return 2.0\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with REGISTRY.scoped():
+        import importlib
+
+        importlib.import_module("twice_mod")
+        spec = REGISTRY.resolve(f"{tmp_path / 'twice_mod.py'}:twice")
+        assert spec.make_callable({})(RewardSample(response="x")) == 2.0
+    sys.modules.pop("twice_mod", None)

@@ -179,3 +179,9 @@ def test_metrics_keys():
     for key in ("reward/total/mean", "reward/math_accuracy/mean", "reward/math_accuracy/fail_count", "reward/format/time_s", "reward/correct_rate", "reward/samples_per_s"):
         assert key in m
     assert m["reward/correct_rate"] == 0.5
+
+
+def test_empty_batch():
+    with local({}) as st:
+        assert st.score([]) == []
+        assert st.metrics()["reward/time_s"] >= 0

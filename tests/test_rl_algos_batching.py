@@ -206,11 +206,7 @@ def test_every_metric_we_emit_is_in_the_glossary():
     keys |= set(A.mask_truncated(mask, ["stop"] * b)[1])
     ours = {k for k in keys if not k.startswith("rollout_corr/")}
     assert len(ours) > 20
-    missing = sorted(k for k in ours if f"`{k}`" not in doc and not _grouped(k, doc))
+    missing = sorted(k for k in ours if f"`{k}`" not in doc)
     assert missing == []
     assert "`rollout_corr/*`" in doc
 
-
-def _grouped(key: str, doc: str) -> bool:
-    """`mismatch/abs_diff_mean` may be documented as part of "`a`, `b`" rows only by full name."""
-    return False

@@ -238,3 +238,13 @@ def test_read_only_handle_reads_and_refuses_writes(tmp_path):
     r.close()
     with pytest.raises(StoreError, match="no rollout store"):
         RolloutStore(tmp_path / "missing.sqlite", readonly=True)
+
+
+def test_the_store_imports_without_verl_or_torch():
+    """A vLLM venv without verl imports rollout/; keep the store free of both."""
+    import subprocess
+    import sys
+
+    code = "import sys, rollout.store; print('verl' in sys.modules, 'torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["False", "False"]

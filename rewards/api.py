@@ -182,6 +182,7 @@ class RewardSpec:
     options: tuple[str, ...] = ()  # keyword options the plugin accepts
     required: tuple[str, ...] = ()  # options without defaults
     var_keyword: bool = False  # accepts **kwargs
+    validate: Callable[..., None] | None = None  # checks option values at load time (raises ValueError)
 
     @property
     def label(self) -> str:
@@ -196,6 +197,11 @@ class RewardSpec:
         missing = [k for k in self.required if k not in args]
         if missing:
             raise PluginError(f"{self.label}: option(s) {missing} are required; set them under args:")
+        if self.validate is not None:
+            try:
+                self.validate(**args)
+            except (TypeError, ValueError) as e:
+                raise PluginError(f"{self.label}: bad options {dict(args)!r}: {e}") from e
 
     def make_callable(self, args: Mapping[str, Any]) -> Callable:
         """The object to call per sample (or per batch): a bound function or a class instance."""
@@ -238,6 +244,7 @@ def reward(
     isolate: bool | None = None,
     correct_at: float | None = None,
     description: str | None = None,
+    validate: Callable[..., None] | None = None,
     register: bool = True,
 ):
     """Declare a reward plugin and register it under `name` (default: the function's name).
@@ -248,7 +255,8 @@ def reward(
     `isolate` picks where it runs by default: the process pool with per-call timeouts
     (the default for sync plugins) or in-process (the default for async and model
     plugins). The signature and return annotation are checked here, so mistakes
-    surface when the module is imported, naming the plugin.
+    surface when the module is imported, naming the plugin; `validate(**options)`, if
+    given, checks option values when a stack loads the plugin.
     """
 
     def deco(obj):
@@ -262,6 +270,7 @@ def reward(
             isolate=isolate,
             correct_at=correct_at,
             description=description,
+            validate=validate,
         )
         setattr(obj, SPEC_ATTR, spec)
         if register:
@@ -287,6 +296,7 @@ def build_spec(
     isolate: bool | None = None,
     correct_at: float | None = None,
     description: str | None = None,
+    validate: Callable[..., None] | None = None,
 ) -> RewardSpec:
     """Inspect a function or class and check it against the contract."""
     is_class = inspect.isclass(obj)
@@ -354,6 +364,7 @@ def build_spec(
         options=options,
         required=required,
         var_keyword=var_keyword,
+        validate=validate,
     )
 
 

@@ -51,7 +51,7 @@ def sample_from_row(row: dict[str, Any], *, base_dir: Path | None = None, where:
             rec = Record.model_validate(rest)
         except ValidationError as e:
             raise DataError(f"{where}: not a valid record: {e.errors()[0]['loc']}: {e.errors()[0]['msg']}") from None
-        images = [str((base_dir / i) if base_dir and isinstance(i, str) else i) if isinstance(i, str) else i for i in rec.images]
+        images = [_image_path(i, base_dir) for i in rec.images]
         return RewardSample(
             response=row["response"],
             prompt=[m.model_dump(exclude_none=True) for m in rec.prompt_messages()],
@@ -68,7 +68,7 @@ def sample_from_row(row: dict[str, Any], *, base_dir: Path | None = None, where:
     prompt = row.get("prompt", [])
     if isinstance(prompt, str):
         prompt = [{"role": "user", "content": prompt}]
-    images = [str(base_dir / i) if base_dir and isinstance(i, str) else i for i in row.get("images", [])]
+    images = [_image_path(i, base_dir) for i in row.get("images", [])]
     answer = row.get("answer")
     return RewardSample(
         response=row["response"],
@@ -83,6 +83,11 @@ def sample_from_row(row: dict[str, Any], *, base_dir: Path | None = None, where:
         group_id=group_id,
         **extra,
     )
+
+
+def _image_path(img: Any, base_dir: Path | None) -> Any:
+    """Image paths in a data file are relative to the file; bytes pass through."""
+    return str(base_dir / img) if isinstance(img, str) and base_dir is not None else img
 
 
 def load_samples(path: str | Path, *, group_size: int = 1) -> list[RewardSample]:

@@ -149,15 +149,19 @@ def math_accuracy(
 _THINK_OPEN, _THINK_CLOSE = "<think>", "</think>"
 
 
-@reward("format")
+def _check_format_options(think: str = "optional", answer: str = "boxed") -> None:
+    if think not in ("required", "optional", "forbidden"):
+        raise ValueError(f"think must be required, optional or forbidden, not {think!r}")
+    if answer not in ("boxed", "tag", "any"):
+        raise ValueError(f"answer must be boxed, tag or any, not {answer!r}")
+
+
+@reward("format", validate=_check_format_options)
 def format_reward(sample: RewardSample, *, think: str = "optional", answer: str = "boxed") -> float:
     """1.0 when the response has the asked shape: <think>...</think> (required / optional /
     forbidden) followed by a final answer in \\boxed{} (answer="boxed"), <answer></answer>
     tags (answer="tag") or anything (answer="any")."""
-    if think not in ("required", "optional", "forbidden"):
-        raise ValueError(f"format: think must be required, optional or forbidden, not {think!r}")
-    if answer not in ("boxed", "tag", "any"):
-        raise ValueError(f"format: answer must be boxed, tag or any, not {answer!r}")
+    _check_format_options(think, answer)
     text = sample.response.strip()
     n_open, n_close = text.count(_THINK_OPEN), text.count(_THINK_CLOSE)
     if n_open or n_close:

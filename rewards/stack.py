@@ -374,7 +374,7 @@ class RewardStack:
             for n in r:
                 if n in self.gates:
                     v, err, _ = vals[i][self.gates[n].rule]
-                    if err is not None or v is None or isinstance(v, dict):
+                    if err is not None or v is None or (isinstance(v, dict) and all(x is None for x in v.values())):
                         second[i].add(self.gates[n].model)
         self._run(work, second, vals)
 

@@ -110,14 +110,30 @@ def policy_loss(
     it, truncated IS weights / rejection are computed here from this batch alone; pass
     `rollout_is_weights` from a per-step `rollout_correction` call instead when mini-batches
     should share batch-level normalisation. `bypass_mode` computes its own weights."""
+    mask, is_weights, metrics = _correct(old_logprobs, rollout_logprobs, response_mask, cfg, rollout_is_weights)
+    loss, pg_metrics = _pg_loss(old_logprobs, logprobs, advantages, mask, cfg, is_weights, norm)
+    return loss, {**metrics, **pg_metrics}
+
+
+def _correct(
+    old_logprobs: torch.Tensor,  # (B, T)
+    rollout_logprobs: torch.Tensor | None,  # (B, T)
+    response_mask: torch.Tensor,  # (B, T)
+    cfg: RLAlgoConfig,
+    is_weights: torch.Tensor | None,  # (B, T)
+) -> tuple[torch.Tensor, torch.Tensor | None, dict[str, float]]:
+    """-> (mask after rejection, IS weights or None, mismatch metrics)."""
     mask = response_mask.float()
-    metrics: dict[str, float] = {}
-    is_weights = rollout_is_weights
-    if rollout_logprobs is not None:
-        metrics.update(mismatch_metrics(old_logprobs, rollout_logprobs, mask))
-        if is_weights is None and cfg.loss.name != "bypass_mode":
-            is_weights, mask, corr = rollout_correction(old_logprobs, rollout_logprobs, mask, cfg.mismatch)
-            metrics.update(corr)
+    if rollout_logprobs is None:
+        return mask, is_weights, {}
+    metrics = mismatch_metrics(old_logprobs, rollout_logprobs, mask)
+    if is_weights is None and cfg.loss.name != "bypass_mode":
+        is_weights, mask, corr = rollout_correction(old_logprobs, rollout_logprobs, mask, cfg.mismatch)
+        metrics.update(corr)
+    return mask, is_weights, metrics
+
+
+def _pg_loss(old_logprobs, logprobs, advantages, mask, cfg: RLAlgoConfig, is_weights, norm) -> tuple[torch.Tensor, dict[str, float]]:
     fn = core_algos.get_policy_loss_fn(cfg.loss.name)
     loss, pg_metrics = fn(
         old_log_prob=old_logprobs.detach(),
@@ -128,7 +144,7 @@ def policy_loss(
         config=actor_config(cfg.loss, norm, cfg.mismatch),
         rollout_is_weights=is_weights,
     )
-    metrics.update({k: float(v) for k, v in pg_metrics.items()})
+    metrics = {k: float(v) for k, v in pg_metrics.items()}
     metrics["actor/pg_loss"] = float(loss.detach())
     return loss, metrics
 
@@ -171,27 +187,22 @@ def actor_loss(
     rollout_is_weights: torch.Tensor | None = None,  # (B, T)
     norm: LossNorm | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """pg loss + kl_coef * KL(policy || ref) - entropy_coef * entropy -> (loss, metrics)."""
-    loss, metrics = policy_loss(
-        old_logprobs,
-        logprobs,
-        advantages,
-        response_mask,
-        cfg,
-        rollout_logprobs,
-        rollout_is_weights=rollout_is_weights,
-        norm=norm,
-    )
+    """pg loss + kl_coef * KL(policy || ref) - entropy_coef * entropy -> (loss, metrics).
+
+    Sequences rejected by the mismatch correction leave the KL and entropy terms too."""
+    mask, is_weights, metrics = _correct(old_logprobs, rollout_logprobs, response_mask, cfg, rollout_is_weights)
+    loss, pg_metrics = _pg_loss(old_logprobs, logprobs, advantages, mask, cfg, is_weights, norm)
+    metrics.update(pg_metrics)
     if kl_coef > 0:
         if ref_logprobs is None:
             raise ValueError("a KL coefficient > 0 needs ref_logprobs")
-        kl = kl_loss(logprobs, ref_logprobs.detach(), response_mask, cfg.kl.kind, cfg.loss.agg_mode, norm, cfg.loss.loss_scale_factor)
+        kl = kl_loss(logprobs, ref_logprobs.detach(), mask, cfg.kl.kind, cfg.loss.agg_mode, norm, cfg.loss.loss_scale_factor)
         loss = loss + kl_coef * kl
         metrics["actor/kl_loss"] = float(kl.detach())
     metrics["actor/kl_coef"] = float(kl_coef)
     if entropy is not None:
         ent_term, ent_metrics = entropy_term(
-            response_mask, cfg.entropy.coef, cfg.loss.agg_mode, entropy=entropy, norm=norm, loss_scale_factor=cfg.loss.loss_scale_factor
+            mask, cfg.entropy.coef, cfg.loss.agg_mode, entropy=entropy, norm=norm, loss_scale_factor=cfg.loss.loss_scale_factor
         )
         if cfg.entropy.coef > 0:
             loss = loss + ent_term

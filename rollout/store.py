@@ -358,17 +358,17 @@ class RolloutStore:
     def query(self, q: RolloutQuery | None = None, **filters: Any) -> list[RolloutRow]:
         """Rows matching the filters, sorted, one page (`limit`, `offset`)."""
         q = _as_query(q, filters)
-        where, params = self._where(q)
-        order, join, join_params = self._order(q)
-        sql = f"SELECT r.id FROM rollouts r {join} {where} {order} LIMIT ? OFFSET ?"
-        with self._lock, self._tx():
-            ids = [i for (i,) in self._db.execute(sql, (*join_params, *params, q.limit, q.offset))]
+        with self._lock, self._tx():  # one snapshot: component columns, ids, then rows
+            where, params = self._where(q)
+            order = self._order(q)
+            sql = f"SELECT r.id FROM rollouts r {where} {order} LIMIT ? OFFSET ?"
+            ids = [i for (i,) in self._db.execute(sql, (*params, q.limit, q.offset))]
             return self._load(ids)
 
     def count(self, q: RolloutQuery | None = None, **filters: Any) -> int:
         q = _as_query(q, filters)
-        where, params = self._where(q)
-        with self._lock:
+        with self._lock, self._tx():
+            where, params = self._where(q)
             return int(self._db.execute(f"SELECT COUNT(*) FROM rollouts r {where}", params).fetchone()[0])
 
     def get(self, rollout_id: int) -> RolloutRow | None:
@@ -554,19 +554,19 @@ class RolloutStore:
                 conds.append(f"r.{cols[name]} IS NOT NULL")
         return ("WHERE " + " AND ".join(conds)) if conds else "", tuple(params)
 
-    def _order(self, q: RolloutQuery) -> tuple[str, str, tuple]:
+    def _order(self, q: RolloutQuery) -> str:
         direction = "DESC" if q.descending else "ASC"
         key = q.sort_by
         if key in COLUMNS:
             col = COLUMNS[key]
             tie = "" if key == "id" else f", r.id {direction}"
             nulls = " NULLS LAST" if key == "advantage" else ""
-            return f"ORDER BY {col} {direction}{nulls}{tie}", "", ()
+            return f"ORDER BY {col} {direction}{nulls}{tie}"
         name = key.removeprefix("components.")
         cols = self._component_columns()
         if name not in cols:
             raise StoreError(f"cannot sort by {key!r}: not a column ({', '.join(COLUMNS)}) nor a stored reward component ({', '.join(sorted(cols))})")
-        return f"ORDER BY r.{cols[name]} {direction} NULLS LAST, r.id {direction}", "", ()
+        return f"ORDER BY r.{cols[name]} {direction} NULLS LAST, r.id {direction}"
 
     def _load(self, ids: list[int]) -> list[RolloutRow]:
         if not ids:

@@ -145,6 +145,20 @@ def test_sequence_rejection_masks_far_off_sequences():
     assert any("rollout_rs" in k for k in m)
 
 
+def test_rejected_sequences_leave_every_term_of_the_actor_loss():
+    old = torch.full((2, 2), -1.0)
+    roll = torch.tensor([[-1.0, -1.01], [-3.0, -3.0]])  # row 1 is rejected
+    logp = old.clone().requires_grad_(True)
+    ref = torch.full((2, 2), -2.0)
+    cfg = A.RLAlgoConfig(mismatch=A.MismatchConfig(rejection="seq_mean_k3", rejection_threshold=0.5), entropy=A.EntropyConfig(coef=0.1))
+    ent = torch.ones(2, 2, requires_grad=True)
+    loss, m = A.actor_loss(logp, old, torch.ones(2, 2), torch.ones(2, 2), cfg, kl_coef=0.5, ref_logprobs=ref, entropy=ent, rollout_logprobs=roll)
+    loss.backward()
+    assert (logp.grad[1] == 0).all() and (logp.grad[0] != 0).all()
+    assert (ent.grad[1] == 0).all() and (ent.grad[0] != 0).all()
+    assert m["rollout_corr/rollout_rs_masked_fraction"] == pytest.approx(0.5)
+
+
 # --------------------------------------------------------------------------- config
 
 

@@ -61,6 +61,7 @@ def test_default_config_is_the_task_world_stack():
         ({"components": {"a": {"fn": "exact_match", "args": {"typo": 1}}}}, "unknown option"),
         ({"components": {"a": {"fn": "overlong", "args": {"max_length": 10, "cache": 20}}}}, "cache <= max_length"),
         ({"components": {"a": {"fn": "format", "wieght": 1}}}, "wieght"),
+        ({"components": {"a": {"fn": "format", "args": {"think": "sometimes"}}}}, "think must be"),
     ],
 )
 def test_config_errors_name_the_problem(cfg, msg):

@@ -6,7 +6,7 @@ runs random inspector-style listings (limit 50): filters drawn from step / step 
 task, difficulty, policy version, total reward, advantage, length and a reward component;
 sorted by a random column or component. Prints p50/p95/max latency (target: p95 <= 200 ms),
 the cost of count(), groups(step) and step_summaries(), the append rate, the file size and
-the process RSS.
+the process RSS (after the build, and for the reader alone once the writer has closed).
 
 The planner statistics are as a live run leaves them (no ANALYZE), since the inspector
 reads stores that training is still writing; `--analyze` measures after ANALYZE too.
@@ -185,6 +185,9 @@ def main() -> None:
         print(f"store: {n} rollouts, {n_steps} steps, {size_mb:.0f} MiB on disk (with WAL)")
         print(f"append: {n / (build_ms / 1000):.0f} rows/s inside append ({build_ms / n_steps:.1f} ms per {per_step}-row batch); build incl. row generation {total_s:.1f} s")
 
+        cur, _ = rss_mb()
+        print(f"process RSS after the build {cur:.0f} MiB (writer's page cache included)")
+        store.close()  # the writer is another process in a real run: measure the reader alone
         reader = RolloutStore.in_dir(tmp, readonly=True)  # as the inspection server opens it
         lat, count_lat, returned = run_queries(reader, args.queries, n_steps, args.seed + 1)
         report(f"{args.queries} random filtered+sorted listings (limit 50)", lat, count_lat, returned, args.queries)
@@ -197,16 +200,18 @@ def main() -> None:
             f"groups(step) p50 {pct(g_lat, 50):.1f} ms  p95 {pct(g_lat, 95):.1f} ms; group(id) p50 {pct(gv_lat, 50):.1f} ms; "
             f"step_summaries() over {n_steps} steps {summ_ms:.0f} ms; steps() {steps_ms:.1f} ms"
         )
+        cur, _ = rss_mb()
+        print(f"process RSS after the listings {cur:.0f} MiB (reader)")
         if args.analyze:
-            store.analyze()
+            with RolloutStore.in_dir(tmp) as w:
+                w.analyze()
             reader.close()
             reader = RolloutStore.in_dir(tmp, readonly=True)
             lat, count_lat, returned = run_queries(reader, args.queries, n_steps, args.seed + 1)
             report("after ANALYZE", lat, count_lat, returned, args.queries)
-        cur, peak = rss_mb()
-        print(f"process RSS {cur:.0f} MiB (peak {peak:.0f} MiB)")
+        _, peak = rss_mb()
+        print(f"process peak RSS {peak:.0f} MiB")
         reader.close()
-        store.close()
 
 
 if __name__ == "__main__":

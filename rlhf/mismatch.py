@@ -55,7 +55,8 @@ def rollout_correction(
     """-> (IS weights (B, T) or None when off, response mask after rejection (B, T), metrics).
 
     Compute once per step on the whole batch (batch normalisation and sequence rejection
-    look at all of it), then hand the weights to every mini-batch's `policy_loss`."""
+    look at all of it), then hand every mini-batch's slice of the weights and of the
+    returned mask to `policy_loss` / `actor_loss`."""
     mask = response_mask.float()
     if cfg.is_level is None and cfg.rejection is None:
         return None, mask, {}

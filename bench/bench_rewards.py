@@ -53,6 +53,19 @@ def serial(samples: list[RewardSample]) -> list[tuple[float, float]]:
     return [(math_accuracy(s), format_reward(s)) for s in samples]
 
 
+def proc_cpu(pids: list[int]) -> float | None:
+    """CPU seconds used so far by these processes (Linux /proc), None elsewhere."""
+    try:
+        tick = os.sysconf("SC_CLK_TCK")
+        total = 0.0
+        for pid in pids:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / tick  # utime + stime
+        return total
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def load_hostile():
     path = ROOT / "tests" / "rewards" / "rewards_hostile_corpus.py"
     spec = importlib.util.spec_from_file_location("rewards_hostile_corpus", path)
@@ -83,14 +96,19 @@ def main() -> None:
         t = time.perf_counter()
         stack.start()
         print(f"pool start (spawn + imports): {time.perf_counter() - t:.2f}s")
+        pids = stack._pool.pids
+        cpu_workers0 = proc_cpu(pids)
+        cpu_serial = 0.0
         for part in slices:
             t, cpu = time.perf_counter(), time.process_time()
             results += stack.score(part)
             t_pool += time.perf_counter() - t
             cpu_parent += time.process_time() - cpu
-            t = time.perf_counter()
+            t, cpu = time.perf_counter(), time.process_time()
             ref += serial(part)
             t_serial += time.perf_counter() - t
+            cpu_serial += time.process_time() - cpu
+        cpu_workers1 = proc_cpu(pids)
         stats = stack.pool_stats
 
     agree = sum(r.components["math_accuracy"] == m and r.components["format"] == f for r, (m, f) in zip(results, ref))
@@ -98,6 +116,13 @@ def main() -> None:
     print(f"serial loop : {args.n / t_serial:8.1f} samples/s  ({t_serial:.2f}s, {t_serial / args.n * 1e3:.2f} ms/sample)")
     print(f"pool        : {args.n / t_pool:8.1f} samples/s  ({t_pool:.2f}s; {stats.calls} calls, {fails} failed; parent CPU {cpu_parent:.2f}s)")
     print(f"ratio pool / serial: {t_serial / t_pool:.2f}x   (target >= 1.6x on 2 cores; other load on the machine lowers it)")
+    if cpu_workers0 is not None and cpu_workers1 is not None:
+        cpu_pool = cpu_workers1 - cpu_workers0
+        print(
+            f"CPU time: serial {cpu_serial:.2f}s, pool workers {cpu_pool:.2f}s + parent {cpu_parent:.2f}s "
+            f"(pool overhead {(cpu_pool + cpu_parent) / cpu_serial - 1:+.1%}); ratio with {args.workers} idle cores "
+            f"at most about {args.workers * cpu_serial / (cpu_pool + cpu_parent):.2f}x"
+        )
     print(f"agreement with the serial loop: {agree}/{args.n}   accuracy: {sum(m for m, _ in ref) / args.n:.3f}")
 
     H = load_hostile()

@@ -38,7 +38,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from vlrl.errors import DataError, RecipeError
 
 from rewards.api import PluginError, RewardSample, RewardSpec
-from rewards.execute import ComponentDef, ItemOutcome, failure, run_call, run_call_async
+from rewards.execute import ComponentDef, run_call, run_call_async
 from rewards.pool import Call, CallOutcome, PoolStats, WorkerPool
 from rewards.registry import REGISTRY, Registry, plugin_ref
 

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import asyncio
 import math
 import sys
-import textwrap
 from pathlib import Path
 
 import pytest

@@ -13,7 +13,7 @@ import pytest
 from fastapi import Request  # at module level: FastAPI resolves the string annotation here
 
 from rewards import RewardSample, RewardStack
-from rewards.models import GenerativeJudge, OpenAIJudge, check_template, parse_score, render
+from rewards.models import check_template, parse_score, render
 
 
 def S(response, answer=None, **kw):

@@ -238,7 +238,7 @@ SPEC_ATTR = "__vlrl_reward__"
 def reward(
     name: str | Callable | None = None,
     *,
-    batched: bool = False,
+    batched: bool | None = None,
     needs_scores: bool = False,
     kind: Kind = "rule",
     isolate: bool | None = None,
@@ -252,6 +252,7 @@ def reward(
         @reward("my_accuracy", correct_at=1.0)
         def my_accuracy(sample: RewardSample) -> float: ...
 
+    `batched` defaults to what the first parameter's annotation says (`list[RewardSample]`).
     `isolate` picks where it runs by default: the process pool with per-call timeouts
     (the default for sync plugins) or in-process (the default for async and model
     plugins). The signature and return annotation are checked here, so mistakes

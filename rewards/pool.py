@@ -28,6 +28,7 @@ import math
 import multiprocessing as mp
 import multiprocessing.connection as mpc
 import os
+import pickle
 import signal
 import time
 import weakref
@@ -119,9 +120,14 @@ def _worker_main(conn, heartbeat, components: dict[str, ComponentDef], memory_mb
     conn.send(("ready", os.getpid()))
     while True:
         try:
-            msg = conn.recv()
+            raw = conn.recv_bytes()
         except (EOFError, OSError):
             return
+        try:
+            msg = pickle.loads(raw)
+        except BaseException as e:  # noqa: BLE001 - e.g. a sample holding an object this process cannot import
+            conn.send(("bad_chunk", f"the worker could not unpickle the samples: {describe_exception(e)}"))
+            continue
         if msg[0] == "stop":
             return
         _, chunk_id, calls = msg
@@ -220,7 +226,7 @@ class WorkerPool:
         while not all(w.ready for w in self._workers) and time.monotonic() < deadline:
             for w in self._workers:
                 while not w.ready and w.conn.poll(0.05):
-                    self._handle(w, w.conn.recv(), {})
+                    self._handle(w, w.conn.recv(), {}, collections.deque())
 
     def close(self) -> None:
         if self._closed:
@@ -274,8 +280,8 @@ class WorkerPool:
         queue: collections.deque[list[Call]] = collections.deque(self._chunks(calls))
         while len(out) < len(calls):
             for w in self._workers:
-                if not w.busy and queue and w.proc.is_alive():
-                    self._dispatch(w, queue.popleft(), out)
+                while not w.busy and queue and w.proc.is_alive():
+                    self._dispatch(w, queue.popleft(), out, queue)
             if self._boot_failures >= 3:  # workers cannot even start: fail what is left
                 msg = (
                     "reward worker processes fail to start (see stderr); a script that scores rewards must "
@@ -291,7 +297,7 @@ class WorkerPool:
                 dead = False
                 try:
                     while w.conn.poll():
-                        self._handle(w, w.conn.recv(), out)
+                        self._handle(w, w.conn.recv(), out, queue)
                 except (EOFError, OSError):
                     dead = True
                 if dead or not w.proc.is_alive():
@@ -307,7 +313,7 @@ class WorkerPool:
         n = max(1, min(self.max_chunk, math.ceil(len(calls) / (self.size * 4))))
         return [calls[i : i + n] for i in range(0, len(calls), n)]
 
-    def _dispatch(self, w: _Worker, chunk: list[Call], out: dict[int, CallOutcome]) -> None:
+    def _dispatch(self, w: _Worker, chunk: list[Call], out: dict[int, CallOutcome], queue) -> None:
         payload = [(c.id, c.component, c.samples, c.timeout) for c in chunk]
         try:
             w.conn.send(("run", id(chunk), payload))
@@ -315,13 +321,21 @@ class WorkerPool:
             w.chunk, w.waiting = chunk, {c.id: c for c in chunk}  # the death check requeues it
             return
         except Exception as e:  # a sample that does not pickle
-            for c in chunk:
-                out[c.id] = CallOutcome(failure(f"cannot send the sample to a worker process: {describe_exception(e)}", len(c.samples)), 0.0, True)
+            self._split_or_fail(chunk, f"cannot send the sample to a worker process: {describe_exception(e)}", out, queue)
             return
         w.chunk = chunk
         w.waiting = {c.id: c for c in chunk}
 
-    def _handle(self, w: _Worker, msg: tuple, out: dict[int, CallOutcome]) -> None:
+    @staticmethod
+    def _split_or_fail(chunk: list[Call], error: str, out: dict[int, CallOutcome], queue) -> None:
+        """A chunk that failed as a whole: retry its calls one per chunk, so only the culprit fails."""
+        if len(chunk) > 1:
+            queue.extendleft([c] for c in reversed(chunk))
+            return
+        for c in chunk:
+            out[c.id] = CallOutcome(failure(error, len(c.samples)), 0.0, True)
+
+    def _handle(self, w: _Worker, msg: tuple, out: dict[int, CallOutcome], queue) -> None:
         kind = msg[0]
         if kind == "ready":
             w.ready = True
@@ -330,6 +344,11 @@ class WorkerPool:
             for call_id, items, elapsed, whole in msg[1]:
                 if w.waiting.pop(call_id, None) is not None:
                     out[call_id] = CallOutcome(items, elapsed, whole)
+        elif kind == "bad_chunk":
+            chunk = [c for c in (w.chunk or []) if c.id in w.waiting]
+            w.waiting.clear()
+            w.chunk = None
+            self._split_or_fail(chunk, msg[1], out, queue)
         elif kind == "done":
             w.chunk = None
             for c in list(w.waiting.values()):  # should not happen; never leave a call behind

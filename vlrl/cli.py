@@ -110,8 +110,10 @@ def data_make(
 
     if fmt not in ("jsonl", "parquet"):
         raise VlrlError(f"--format {fmt!r}: expected jsonl or parquet")
+    from vlrl.stages import describe_counts
+
     manifest = make_dataset(out, seed=seed, n=n, n_eval=n_eval, fmt=fmt)
-    console.print(f"[green]ok[/]: {out} {manifest.get('counts', '')}")
+    console.print(f"[green]ok[/]: {out}: {describe_counts(manifest.get('counts', {}))}")
 
 
 @app.command("eval")

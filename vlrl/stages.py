@@ -6,7 +6,6 @@ into the stage folder and returns a small summary for DONE.json.
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
@@ -26,8 +25,15 @@ def run_data(ctx) -> dict:
 
     manifest = make_dataset(ctx.dir, seed=st.seed, n=st.n, n_eval=st.n_eval, families_mix=st.mix, fmt=st.format)
     counts = manifest.get("counts", {})
-    ctx.console.print(f"dataset written to {ctx.dir}: {json.dumps(counts)[:300]}")
+    ctx.console.print(f"dataset written to {ctx.dir}: {describe_counts(counts)}")
     return {"counts": counts}
+
+
+def describe_counts(counts: dict) -> str:
+    """One line: records per split, and per family for the train split."""
+    splits = ", ".join(f"{c.get('total', 0)} {name}" for name, c in counts.items())
+    fams = counts.get("train", {}).get("family", {})
+    return f"{splits} records" + (f" (train: {', '.join(f'{k} {v}' for k, v in fams.items())})" if fams else "")
 
 
 def run_model(ctx) -> dict:

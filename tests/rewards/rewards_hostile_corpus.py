@@ -13,6 +13,7 @@ import ctypes
 import os
 import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -195,6 +196,13 @@ def ok(sample: RewardSample) -> float:
     return 1.0
 
 
+class FailsToUnpickle:
+    """Pickles fine here; unpickling runs int("not a number") and raises."""
+
+    def __reduce__(self):
+        return (int, ("not a number",))
+
+
 # --------------------------------------------------------------------------------------
 # The corpus: (case, component, sample fields, expectation)
 
@@ -244,6 +252,8 @@ CASES: list[tuple[str, str, dict, object]] = [
     ("6 MB response for OCR", "ocr_similarity", {"response": BIG, "answer": "hello"}, ("value", 0.0)),
     ("100k nested braces", "math_accuracy", {"response": "\\boxed{" + "{" * 100_000, "answer": "1"}, ("value", 0.0)),
     ("no reference answer", "math_accuracy", {"response": r"\boxed{1}", "answer": None}, ("value", None)),
+    ("sample that fails to unpickle", "ok", {"meta": {"x": FailsToUnpickle()}}, "could not unpickle"),
+    ("sample that cannot be pickled", "ok", {"meta": {"lock": threading.Lock()}}, "cannot send the sample"),
     ("control: a good plugin", "ok", {}, ("value", 1.0)),
 ]
 

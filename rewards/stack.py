@@ -31,6 +31,7 @@ import math
 import threading
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -129,6 +130,17 @@ class RewardStackConfig(BaseModel):
     worker_memory_mb: int | None = Field(default=4096, ge=256)  # address-space cap per worker; None = none
     standardize_model_scores: bool = False  # z-score model components within their group (MiniCPM-V 4.5)
     standardize_eps: float = 1e-6
+
+    def with_base_dir(self, base_dir: str | Path) -> "RewardStackConfig":
+        """A copy where relative `file.py:function` plugins point into `base_dir` (a recipe's
+        folder) when the file is there; other entries are unchanged."""
+        comps = {}
+        for name, c in self.components.items():
+            where, sep, fn = c.fn.rpartition(":")
+            if sep and where.endswith(".py") and not Path(where).is_absolute() and (Path(base_dir) / where).is_file():
+                c = c.model_copy(update={"fn": f"{Path(base_dir) / where}:{fn}"})
+            comps[name] = c
+        return self.model_copy(update={"components": comps})
 
     @field_validator("components", mode="before")
     @classmethod

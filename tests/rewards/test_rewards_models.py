@@ -139,11 +139,14 @@ def ray_rm(tmp_path_factory):
     path = tmp_path_factory.mktemp("tiny_rm")
     loss = _build_tiny_reward_model(path)
     assert loss < 0.1
-    ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
+    owned = not ray.is_initialized()  # another module's fixture may have started Ray already
+    if owned:
+        ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
     try:
         yield path
     finally:
-        ray.shutdown()
+        if owned:
+            ray.shutdown()
 
 
 def test_hf_reward_model_in_ray_actor_with_gating(ray_rm):

@@ -186,3 +186,14 @@ def test_empty_batch():
     with local({}) as st:
         assert st.score([]) == []
         assert st.metrics()["reward/time_s"] >= 0
+
+
+def test_with_base_dir_points_relative_plugin_files_at_the_recipe_folder(tmp_path):
+    (tmp_path / "mine.py").write_text("def f(sample):\n    return 0.5\n")
+    cfg = RewardStackConfig.model_validate({"components": {"a": "mine.py:f", "b": "exact_match", "c": "rewards.rules:iou"}})
+    moved = cfg.with_base_dir(tmp_path)
+    assert moved.components["a"].fn == f"{tmp_path / 'mine.py'}:f"
+    assert moved.components["b"].fn == "exact_match" and moved.components["c"].fn == "rewards.rules:iou"
+    assert cfg.components["a"].fn == "mine.py:f"  # the original is not changed
+    with RewardStack.from_config(moved.model_copy(update={"workers": 0})) as st:
+        assert st.score([S("x")])[0].components["a"] == 0.5

@@ -357,7 +357,8 @@ class RewardStack:
         return list(dict.fromkeys([*route, *cfg.always]))
 
     def score(self, samples: list[RewardSample]) -> list[RewardResult]:
-        """Score a batch; one call at a time per stack (calls from several threads take turns)."""
+        """Score a batch, results in input order. Pass all responses of a group (same `group_id`)
+        in the same call: groups are formed within a call. One call at a time per stack."""
         with self._lock:
             return self._score(samples)
 
@@ -409,7 +410,7 @@ class RewardStack:
         elapsed = time.perf_counter() - t0
         extra = {
             "reward/time_s": elapsed,
-            "reward/samples_per_s": len(samples) / elapsed if elapsed > 0 else float("nan"),
+            "reward/samples_per_s": len(samples) / elapsed if elapsed > 0 else 0.0,
             "reward/pool/timeouts": float(after.timeouts - before.timeouts),
             "reward/pool/crashes": float(after.crashes - before.crashes),
             "reward/pool/restarts": float(after.restarts - before.restarts),

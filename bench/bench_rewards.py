@@ -136,7 +136,7 @@ def main() -> None:
     n_fail = sum(1 for r in res if r.failures)
     n_hang = sum(1 for c in H.CASES if c[3] == "timeout")
     print(
-        f"hostile corpus: {len(hostile)} cases in {t_h:.2f}s ({n_fail} failed as expected-or-not, {n_hang} hang cases at "
+        f"hostile corpus: {len(hostile)} cases in {t_h:.2f}s ({n_fail} with a reported failure, {n_hang} hang cases at "
         f"{args.hostile_timeout:g}s timeout; pool: {st.timeouts} timeouts, {st.crashes} crashes, {st.restarts} restarts)"
     )
 

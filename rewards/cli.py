@@ -18,7 +18,7 @@ app = typer.Typer(help="Reward plugins: list them, try one on a file of response
 
 
 def _fail(msg: str) -> None:
-    Console(stderr=True).print(f"[red]error:[/red] {msg}", highlight=False)
+    Console(stderr=True).print(f"[red]error:[/red] {escape(msg)}", highlight=False, soft_wrap=True)
     raise typer.Exit(1)
 
 

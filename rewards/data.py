@@ -12,6 +12,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from vlrl.data.io import location
 from vlrl.data.records import Record
 from vlrl.errors import DataError
 
@@ -24,7 +25,7 @@ _GROUP_KEYS = ("group_id", "group")
 def read_jsonl(path: str | Path) -> list[dict]:
     p = Path(path)
     if not p.is_file():
-        raise DataError(f"{p}: no such file")
+        raise DataError(f"file {p}: no such file")
     rows = []
     with p.open(encoding="utf-8") as f:
         for n, line in enumerate(f, 1):
@@ -33,9 +34,9 @@ def read_jsonl(path: str | Path) -> list[dict]:
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
-                raise DataError(f"{p}:{n}: not valid JSON ({e.msg})") from None
+                raise DataError(f"{location(p, n)}: not valid JSON ({e.msg})") from None
             if not isinstance(row, dict):
-                raise DataError(f"{p}:{n}: a row must be a JSON object, got {type(row).__name__}")
+                raise DataError(f"{location(p, n)}: a row must be a JSON object, got {type(row).__name__}")
             rows.append(row)
     return rows
 
@@ -96,7 +97,7 @@ def load_samples(path: str | Path, *, group_size: int = 1) -> list[RewardSample]
     rows = read_jsonl(p)
     out = []
     for n, row in enumerate(rows):
-        s = sample_from_row(row, base_dir=p.parent, where=f"{p}:{n + 1}")
+        s = sample_from_row(row, base_dir=p.parent, where=location(p, n + 1))
         if s.group_id is None and group_size > 1:
             s.group_id = f"group{n // group_size}"
         out.append(s)

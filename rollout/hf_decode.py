@@ -135,10 +135,16 @@ class GrowingLayer(DynamicLayer):
             self._views()
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
-        if self.is_initialized:
-            self._k = self._k[indices]
-            self._v = self._v[indices]
+        if self.is_initialized:  # copy the filled part only; the rest of the buffer is scratch
+            self._k = _select_rows(self._k, indices, self.length)
+            self._v = _select_rows(self._v, indices, self.length)
             self._views()
+
+
+def _select_rows(buf: torch.Tensor, indices: torch.Tensor, length: int) -> torch.Tensor:
+    out = buf.new_empty(len(indices), *buf.shape[1:])  # (R', KV, capacity, D)
+    out[:, :, :length] = buf[indices, :, :length]
+    return out
 
 
 class GrowingCache(Cache):

@@ -44,9 +44,11 @@ def test_documented_cli_command_runs(tmp_path, monkeypatch):
     commands = [ln[2:] for lang, _, body in blocks if lang == "console" for ln in body.splitlines() if ln.startswith("$ vlrl rewards ")]
     assert commands
     monkeypatch.chdir(tmp_path)
+    from vlrl.cli import app as vlrl_app  # the command as documented, through the `vlrl` entry point's app
+
     for cmd in commands:
-        argv = shlex.split(cmd)[2:] + ["--workers", "1"]
-        res = CliRunner().invoke(app, argv)
+        argv = shlex.split(cmd)[1:] + ["--workers", "1"]
+        res = CliRunner().invoke(vlrl_app, argv)
         assert res.exit_code == 0, res.output
         assert "mentions_units" in res.output and "samples/s" in res.output
 
@@ -57,7 +59,7 @@ def test_cli_list_and_errors(tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"response": "x"}\nnot json\n')
     res = CliRunner().invoke(app, ["test", "exact_match", "--data", str(bad), "--workers", "0"])
-    assert res.exit_code == 1 and "bad.jsonl:2" in res.output
+    assert res.exit_code == 1 and "bad.jsonl line 2" in res.output
     res = CliRunner().invoke(app, ["test", "no_such_reward", "--data", str(bad), "--workers", "0"])
     assert res.exit_code == 1
 

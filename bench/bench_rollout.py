@@ -1,6 +1,7 @@
 """Rollout throughput: HFEngine against `model.generate` on the same prompts, same process.
 
-Prints generated tokens/s of each and their ratio (target: engine >= 3x generate).
+Prints generated tokens/s of each and their ratio (target: engine >= 3x generate), and
+the engine without its decode kernels (`fast_decode=False`) to show where the gain is.
 Both sample n completions per prompt at the same temperature with no top-k/top-p and
 the same end tokens; tokens are counted per sample up to and including its end token
 (generate's padding after a row finishes is not counted). Rounds alternate (engine,
@@ -82,7 +83,7 @@ def main() -> None:
     ap.add_argument("--preset", default="tiny")
     ap.add_argument("--train-steps", type=int, default=60)
     ap.add_argument("--model", type=Path, default=None, help="a saved checkpoint directory instead of a fresh tiny model")
-    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (1: this 2-core machine is shared, and 2 threads made rounds erratic)")
     args = ap.parse_args()
 
     resolve_device("cpu").configure(threads=args.threads)
@@ -102,8 +103,9 @@ def main() -> None:
     requests = [GenerationRequest.from_sample(evals[i], request_id=str(i)) for i in range(min(args.prompts, len(evals)))]
     params = SamplingParams(n=args.n, temperature=args.temperature, max_new_tokens=args.max_new_tokens, seed=0)
     engine = HFEngine(model, processor)
+    plain = HFEngine(model, processor, fast_decode=False)  # ablation: transformers' DynamicCache + sdpa
 
-    eng_tps, gen_tps, eng_len, gen_len = [], [], [], []
+    eng_tps, gen_tps, plain_tps, eng_len, gen_len = [], [], [], [], []
     for r in range(args.rounds):
         t = time.perf_counter()
         groups = engine.generate(requests, params.model_copy(update={"seed": r}))
@@ -111,6 +113,9 @@ def main() -> None:
         lengths = [len(c.token_ids) for g in groups for c in g]
         eng_tps.append(sum(lengths) / dt)
         eng_len.extend(lengths)
+        t = time.perf_counter()
+        groups = plain.generate(requests, params.model_copy(update={"seed": r}))
+        plain_tps.append(sum(len(c.token_ids) for g in groups for c in g) / (time.perf_counter() - t))
         torch.manual_seed(r)
         dt, lengths = generate_baseline(model, processor, requests, params, engine.stop_token_ids)
         gen_tps.append(sum(lengths) / dt)
@@ -122,6 +127,8 @@ def main() -> None:
     print(f"{len(requests)} prompts x n={args.n}, max_new_tokens={args.max_new_tokens}, temperature={args.temperature}, rounds={args.rounds}")
     print(f"HFEngine       : {e:8.0f} tokens/s  rounds={['%.0f' % x for x in eng_tps]}  mean len {statistics.mean(eng_len):.1f}, ended early {done(eng_len):.0%}")
     print(f"model.generate : {g:8.0f} tokens/s  rounds={['%.0f' % x for x in gen_tps]}  mean len {statistics.mean(gen_len):.1f}, ended early {done(gen_len):.0%}")
+    p = statistics.median(plain_tps)
+    print(f"HFEngine, transformers cache/attention (fast_decode=False): {p:8.0f} tokens/s  ({p / g:.2f}x generate)")
     print(f"ratio engine / generate: {e / g:.2f}x  (target >= 3x)")
 
 

@@ -45,6 +45,8 @@ def decode_attention(
     scaling: float | None = None,
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
+    """Attention for one new token per row against the cache, heads grouped by KV head
+    so no key/value is copied; any other call (prefill, dropout) goes to sdpa."""
     if query.shape[2] != 1 or dropout > 0.0 or (attention_mask is not None and attention_mask.ndim != 4):
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
     rows, heads, _, dim = query.shape
@@ -135,16 +137,23 @@ class GrowingLayer(DynamicLayer):
             self._views()
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
-        if self.is_initialized:  # copy the filled part only; the rest of the buffer is scratch
+        """Keep rows `indices` (R',). When every row that changes place comes from
+        beyond the new batch size (the order `compaction_order` produces), only those
+        rows are copied and the buffer shrinks to a view; otherwise rows are gathered."""
+        if not self.is_initialized:
+            return
+        new = len(indices)
+        moved = (indices != torch.arange(new, device=indices.device)).nonzero().squeeze(1)  # (M,) destinations
+        sources = indices[moved]
+        if bool((sources >= new).all()):
+            if len(moved):
+                self._k[moved, :, : self.length] = self._k[sources, :, : self.length]
+                self._v[moved, :, : self.length] = self._v[sources, :, : self.length]
+            self._k, self._v = self._k[:new], self._v[:new]
+        else:
             self._k = _select_rows(self._k, indices, self.length)
             self._v = _select_rows(self._v, indices, self.length)
-            self._views()
-
-
-def _select_rows(buf: torch.Tensor, indices: torch.Tensor, length: int) -> torch.Tensor:
-    out = buf.new_empty(len(indices), *buf.shape[1:])  # (R', KV, capacity, D)
-    out[:, :, :length] = buf[indices, :, :length]
-    return out
+        self._views()
 
 
 class GrowingCache(Cache):
@@ -152,3 +161,23 @@ class GrowingCache(Cache):
 
     def __init__(self, num_layers: int, capacity: int) -> None:
         super().__init__(layers=[GrowingLayer(capacity) for _ in range(num_layers)])
+
+
+def _select_rows(buf: torch.Tensor, indices: torch.Tensor, length: int) -> torch.Tensor:
+    out = buf.new_empty(len(indices), *buf.shape[1:])  # (R', KV, capacity, D)
+    out[:, :, :length] = buf[indices, :, :length]  # the filled part only; the rest is scratch
+    return out
+
+
+def compaction_order(keep: list[int], rows: int) -> list[int]:
+    """An order of the surviving batch positions `keep` (sorted) that moves as few rows
+    as possible: survivors beyond the new batch size fill the holes that finished rows
+    leave before it, everyone else stays put. Old position of new row j: order[j]."""
+    new = len(keep)
+    kept = set(keep)
+    holes = [j for j in range(new) if j not in kept]
+    movers = [j for j in keep if j >= new]
+    order = list(range(new))
+    for hole, mover in zip(holes, movers):
+        order[hole] = mover
+    return order

@@ -7,8 +7,16 @@ ends, and runs its logits-processor and stopping-criteria machinery on every ste
 loop instead
 - prefills the B prompts once and repeats the KV cache n times (`batch_repeat_interleave`),
 - drops a row from the batch (and the cache) as soon as it finishes,
-- samples with a few tensor ops (temperature, top-k, top-p, multinomial) and returns the
-  chosen tokens' logprobs, which `generate` would only give as full score tensors.
+- samples with a few tensor ops (temperature, top-k, top-p, then one uniform draw per
+  row against the CDF) and returns the chosen tokens' logprobs, which `generate` would
+  only give as full score tensors;
+- decodes with an in-place KV cache and a grouped one-token attention
+  (`rollout.hf_decode`), instead of re-copying the cache twice per layer per step.
+
+Measured by bench/bench_rollout.py (tiny preset, 32 prompts x n=4, 48 new tokens,
+temperature 1, one CPU thread): 3.8x `generate`'s tokens/s when the model ends its
+answers early as a trained policy does (mean 15 tokens), 2.6x when every sample runs to
+max_new_tokens (random init), where the remaining time is the model's own matmuls.
 
 Positions are the one thing that must be exactly `generate`'s, or Qwen-VL outputs drift
 silently. Qwen2.5-VL / Qwen3-VL use 3D mrope: `generate` computes a (4, B, T) position
@@ -40,7 +48,7 @@ from torch import nn
 from transformers import DynamicCache
 
 from rollout.engine import Completion, GenerationRequest, LogprobsMode, RolloutEngine, SamplingParams
-from rollout.hf_decode import GrowingCache, decode_attention_applies, decode_attention_on
+from rollout.hf_decode import GrowingCache, compaction_order, decode_attention_applies, decode_attention_on
 from vlrl.errors import VlrlError
 from vlrl.model.batching import collate_for_generation
 
@@ -78,18 +86,21 @@ def default_stop_ids(model: nn.Module, processor) -> tuple[int, ...]:
 
 def filter_logits(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
     """The sampling distribution's logits: (R, V) -> (R, V), with -inf on removed tokens.
-    Order as in vLLM and transformers: temperature, then top-k, then top-p."""
+    Order as in vLLM and transformers: temperature, then top-k, then top-p (the smallest
+    set of most likely tokens whose mass reaches top_p). Tokens tied with the last kept
+    one are kept too, so the result does not depend on how a sort breaks ties."""
     x = logits / temperature if temperature != 1.0 else logits
     vocab = x.shape[-1]
     if 0 < top_k < vocab:
         kth = torch.topk(x, top_k, dim=-1).values[:, -1:]  # (R, 1)
         x = x.masked_fill(x < kth, float("-inf"))  # ties with the k-th token are kept
     if top_p < 1.0:
-        sorted_x, order = torch.sort(x, dim=-1, descending=True)  # (R, V)
+        sorted_x = torch.sort(x, dim=-1, descending=True).values  # (R, V)
         probs = sorted_x.softmax(-1)
-        mass_before = probs.cumsum(-1) - probs  # mass of strictly more likely tokens
-        sorted_x = sorted_x.masked_fill(mass_before >= top_p, float("-inf"))  # the top token always stays
-        x = torch.empty_like(x).scatter_(-1, order, sorted_x)
+        mass_before = probs.cumsum(-1) - probs  # mass of the tokens ranked before each one
+        n_keep = (mass_before < top_p).sum(-1, keepdim=True)  # (R, 1), >= 1: the top token always stays
+        threshold = sorted_x.gather(-1, n_keep - 1)  # (R, 1) the least likely kept logit
+        x = x.masked_fill(x < threshold, float("-inf"))  # ties with it are kept, as for top-k
     return x
 
 
@@ -121,6 +132,22 @@ def sample_tokens(
         return tokens, None
     source = logp if mode == "processed" else logits.log_softmax(-1)
     return tokens, source.gather(-1, tokens[:, None]).squeeze(1)
+
+
+@dataclass
+class _DecodeState:
+    """What the decode loop carries per active row (R rows, batch order)."""
+
+    cache: Any  # GrowingCache or DynamicCache, (R, KV, length, D) per layer
+    mask: torch.Tensor  # (R, 1, 1, capacity) bool, True = attend
+    next_pos: torch.Tensor  # (4, R, 1) position ids of the next token ((R, 1) for 1D rope)
+    length: int  # tokens in the cache
+    logits: torch.Tensor  # (R, V) float32, for the next token
+    prompt_lens: list[int]  # (B,) unpadded prompt lengths
+
+    def select(self, rows: torch.Tensor) -> None:
+        self.cache.batch_select_indices(rows)
+        self.mask, self.next_pos = self.mask[rows], self.next_pos.index_select(-2, rows)
 
 
 class _Rows:
@@ -194,32 +221,12 @@ class HFEngine(RolloutEngine):
     def _generate_chunk(
         self, requests: list[GenerationRequest], params: SamplingParams, generator: torch.Generator | None
     ) -> list[list[Completion]]:
-        n = params.n
-        batch = {k: v.to(self.device) for k, v in collate_for_generation(requests, self.processor).items()}
-        prompt_mask = batch["attention_mask"]  # (B, T)
-        prompt_lens = prompt_mask.sum(1).tolist()  # (B,)
-        width = prompt_mask.shape[1]
-        capacity = width + params.max_new_tokens
-        positions = self._prompt_positions(batch)  # (4, B, T) for Qwen-VL, (B, T) for 1D-rope models
-        cache = self._new_cache(capacity)
-        out = self.model(**batch, position_ids=positions, past_key_values=cache, use_cache=True, logits_to_keep=1)
-        logits = out.logits[:, -1, :].float()  # (B, V)
-        next_pos = positions[..., -1:] + 1  # (4, B, 1)
-        # The padding mask for decode steps, 4D so transformers passes it to attention as is.
-        mask = torch.ones(len(requests), 1, 1, capacity, dtype=torch.bool, device=self.device)  # (B, 1, 1, T + max_new)
-        mask[:, 0, 0, :width] = prompt_mask.bool()
-        if n > 1:  # one prefill per prompt, then n copies of its cache
-            rep = torch.arange(len(requests), device=self.device).repeat_interleave(n)  # (B*n,)
-            cache.batch_repeat_interleave(n)
-            logits, mask, next_pos = logits[rep], mask[rep], next_pos.index_select(-2, rep)
-        self.last_stats.prompt_tokens += sum(prompt_lens)
-        self.last_stats.forward_passes += 1
-
-        rows = _Rows(len(requests) * n)
-        active = list(range(len(requests) * n))  # rows still decoding, in batch order
+        state = self._prefill(requests, params)
+        rows = _Rows(len(requests) * params.n)
+        active = list(range(len(requests) * params.n))  # rows still decoding, in batch order
         stops = set(self.stop_token_ids) | set(params.stop_token_ids)
         window = max((len(s) for s in params.stop), default=0) + 2  # tokens that can hold a stop string
-        length = width  # tokens in the cache
+        logits = state.logits
         for step in range(params.max_new_tokens):
             tokens, logprobs = sample_tokens(logits, params, generator, self.logprobs_mode, params.logprobs)
             keep = self._record_step(rows, active, tokens.tolist(), logprobs.tolist() if logprobs is not None else None,
@@ -227,20 +234,49 @@ class HFEngine(RolloutEngine):
             if not keep:
                 break
             if len(keep) < len(active):  # finished rows leave the batch and the cache
-                sel = torch.tensor(keep, device=self.device)
-                cache.batch_select_indices(sel)
-                mask, next_pos, tokens = mask[sel], next_pos.index_select(-2, sel), tokens[sel]
-                active = [active[j] for j in keep]
-            length += 1
-            with self._decode_context():
-                out = self.model(
-                    input_ids=tokens[:, None], attention_mask=mask[..., :length], position_ids=next_pos,
-                    past_key_values=cache, use_cache=True,
-                )
-            self.last_stats.forward_passes += 1
-            logits = out.logits[:, -1, :].float()  # (R, V)
-            next_pos = next_pos + 1
-        return self._completions(requests, rows, prompt_lens, params)
+                order = compaction_order(keep, len(active))
+                state.select(torch.tensor(order, device=self.device))
+                tokens = tokens[order]
+                active = [active[j] for j in order]
+            logits = self._decode_step(state, tokens)
+        return self._completions(requests, rows, state.prompt_lens, params)
+
+    def _prefill(self, requests: list[GenerationRequest], params: SamplingParams) -> "_DecodeState":
+        """One forward over the B prompts (vision tower included), then the cache and
+        everything per row repeated n times: rows are prompt-major (row = prompt * n + j)."""
+        batch = {k: v.to(self.device) for k, v in collate_for_generation(requests, self.processor).items()}
+        prompt_mask = batch["attention_mask"]  # (B, T)
+        width = prompt_mask.shape[1]
+        capacity = width + params.max_new_tokens
+        positions = self._prompt_positions(batch)  # (4, B, T) for Qwen-VL, (B, T) for 1D-rope models
+        cache = self._new_cache(capacity)
+        out = self.model(**batch, position_ids=positions, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        # The padding mask for decode steps, 4D so transformers hands it to attention as is.
+        mask = torch.ones(len(requests), 1, 1, capacity, dtype=torch.bool, device=self.device)  # (B, 1, 1, T + max_new)
+        mask[:, 0, 0, :width] = prompt_mask.bool()
+        state = _DecodeState(
+            cache=cache, mask=mask, next_pos=positions[..., -1:] + 1, length=width,
+            logits=out.logits[:, -1, :].float(), prompt_lens=prompt_mask.sum(1).tolist(),
+        )
+        if params.n > 1:
+            rep = torch.arange(len(requests), device=self.device).repeat_interleave(params.n)  # (B*n,)
+            cache.batch_repeat_interleave(params.n)
+            state.mask, state.next_pos, state.logits = state.mask[rep], state.next_pos.index_select(-2, rep), state.logits[rep]
+        self.last_stats.prompt_tokens += sum(state.prompt_lens)
+        self.last_stats.forward_passes += 1
+        return state
+
+    def _decode_step(self, state: "_DecodeState", tokens: torch.Tensor) -> torch.Tensor:
+        """Feed one token per active row (R,); returns the next logits (R, V)."""
+        state.length += 1
+        with self._decode_context():
+            out = self.model(
+                input_ids=tokens[:, None], attention_mask=state.mask[..., : state.length], position_ids=state.next_pos,
+                past_key_values=state.cache, use_cache=True,
+            )
+        state.next_pos = state.next_pos + 1
+        self.last_stats.forward_passes += 1
+        return out.logits[:, -1, :].float()
 
     def _new_cache(self, capacity: int):
         if self.fast_decode:

@@ -16,7 +16,7 @@ import re
 import threading
 
 from vlrl.answers import (
-    _NUM_RE,
+    NUM_RE,
     answer_type_for,
     box_iou,
     extract_answer,
@@ -42,7 +42,7 @@ def _strip_math(s: str) -> str:
 
 def _plain_number(s: str) -> float | None:
     s = s.replace(" ", "")
-    return parse_number(s) if _NUM_RE.fullmatch(s) else None
+    return parse_number(s) if NUM_RE.fullmatch(s) else None
 
 
 def _mv_timeout(seconds: int | None) -> int | None:

@@ -49,6 +49,7 @@ from transformers import DynamicCache
 
 from rollout.engine import Completion, GenerationRequest, LogprobsMode, RolloutEngine, SamplingParams
 from rollout.hf_decode import GrowingCache, compaction_order, decode_attention_applies, decode_attention_on
+from vlrl.model.stops import stop_token_ids
 from vlrl.errors import VlrlError
 from vlrl.model.batching import collate_for_generation
 
@@ -69,19 +70,7 @@ class GenerateStats:
         return self.generated_tokens / self.seconds if self.seconds > 0 else 0.0
 
 
-def default_stop_ids(model: nn.Module, processor) -> tuple[int, ...]:
-    """The generation config's end tokens, the tokenizer's eos and the chat end-of-turn
-    token: a chat model ends its answer with `<|im_end|>` even when its generation
-    config only names the base eos."""
-    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    ids = set([eos] if isinstance(eos, int) else (eos or []))
-    tok = processor.tokenizer
-    im_end = tok.convert_tokens_to_ids("<|im_end|>")
-    if isinstance(im_end, int) and im_end != tok.unk_token_id:
-        ids.add(im_end)
-    if tok.eos_token_id is not None:
-        ids.add(tok.eos_token_id)
-    return tuple(sorted(ids))
+default_stop_ids = stop_token_ids  # the same end tokens as greedy eval
 
 
 def filter_logits(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:

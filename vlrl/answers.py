@@ -30,7 +30,7 @@ TASK_ANSWER_TYPES: dict[str, AnswerType] = {
     "text_fact": "text",
 }
 
-_NUM_RE = re.compile(r"[-+]?\d[\d,]*(?:\.\d+)?(?:/\d+)?")
+NUM_RE = re.compile(r"[-+]?\d[\d,]*(?:\.\d+)?(?:/\d+)?")
 
 
 def extract_boxed(text: str) -> str | None:
@@ -72,7 +72,7 @@ def normalize_text(s: str) -> str:
 
 def parse_number(s: str) -> float | None:
     """First number in s (ints, decimals, a/b fractions, thousands commas); None if none."""
-    m = _NUM_RE.search(s.replace("\\!", "").replace(" ", ""))
+    m = NUM_RE.search(s.replace("\\!", "").replace(" ", ""))
     if not m:
         return None
     tok = m.group(0).replace(",", "")

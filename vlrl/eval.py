@@ -22,6 +22,7 @@ from pydantic import BaseModel
 from rich.table import Table
 
 from vlrl.answers import answer_type_for, is_correct
+from vlrl.model.stops import stop_token_ids
 from vlrl.model.batching import Sample, collate_for_generation, pad_id
 
 DIFFICULTIES = ("1", "2", "3", "4", "5")
@@ -111,24 +112,12 @@ def summarize(
     )
 
 
-def _stop_ids(model, processor) -> list[int]:
-    """The generation config's end tokens plus the chat end-of-turn token."""
-    eos = model.generation_config.eos_token_id
-    ids = set([eos] if isinstance(eos, int) else (eos or []))
-    im_end = processor.tokenizer.convert_tokens_to_ids("<|im_end|>")
-    if isinstance(im_end, int) and im_end != processor.tokenizer.unk_token_id:
-        ids.add(im_end)
-    if processor.tokenizer.eos_token_id is not None:
-        ids.add(processor.tokenizer.eos_token_id)
-    return sorted(ids)
-
-
 def _greedy_config(model, processor, max_new_tokens: int):
     cfg = copy.deepcopy(model.generation_config)
     # Sampling fields from a checkpoint's generation_config would only warn under greedy decoding.
     cfg.update(do_sample=False, temperature=None, top_p=None, top_k=None, num_beams=1)
     cfg.max_new_tokens = max_new_tokens
-    cfg.eos_token_id = _stop_ids(model, processor)
+    cfg.eos_token_id = list(stop_token_ids(model, processor))
     cfg.pad_token_id = pad_id(processor)
     cfg.use_cache = True
     return cfg

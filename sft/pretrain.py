@@ -82,7 +82,7 @@ def run_stage(ctx) -> dict:
     cfg: PretrainStage = ctx.config
     from vlrl.data.images import RecordDataset
     from vlrl.data.io import split_path
-    from vlrl.model.loading import count_parameters, load_model, load_processor, set_trainable
+    from vlrl.model.loading import component_of, count_parameters, load_model, load_processor, set_trainable
 
     final = ctx.checkpoint_dir
     state_dir = ctx.dir / "state"
@@ -116,7 +116,7 @@ def run_stage(ctx) -> dict:
                     raise VlrlError(f"stages.{ctx.name}.phases.{pi}.select: no training records match {phase.select.model_dump(exclude_none=True)}")
                 bs = phase.batch_size or cfg.batch_size
                 spec = phase.optim or cfg.optim
-                optimizer = make_optimizer(model.named_parameters(), spec)
+                optimizer = make_optimizer(model.named_parameters(), spec, component_of)
                 start = state.step if state.phase == pi else 0
                 if start > 0:
                     load_state(state_dir, model, optimizer, restore_rng=True)

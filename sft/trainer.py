@@ -39,14 +39,28 @@ def token_loss_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tu
     return loss, n
 
 
-def make_optimizer(params: Iterable[tuple[str, torch.nn.Parameter]], spec: OptimSpec) -> torch.optim.AdamW:
-    """AdamW with no weight decay on biases and norms (1-D tensors), as is standard."""
-    decay, no_decay = [], []
-    for _, p in params:
+def make_optimizer(
+    params: Iterable[tuple[str, torch.nn.Parameter]], spec: OptimSpec, component_of: Callable[[str], str] | None = None
+) -> torch.optim.AdamW:
+    """AdamW with no weight decay on biases and norms (1-D tensors), as is standard, and
+    one group per (component, decay) so `spec.lr_mult` can scale a component's lr.
+    Each group carries `lr_mult`; `optimizer_step` sets `lr * lr_mult` on it."""
+    groups: dict[tuple[str, bool], list[torch.nn.Parameter]] = {}
+    for name, p in params:
         if p.requires_grad:
-            (decay if p.ndim >= 2 else no_decay).append(p)
-    groups = [{"params": decay, "weight_decay": spec.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=spec.lr, betas=spec.betas, foreach=True)
+            comp = component_of(name) if component_of else "all"
+            groups.setdefault((comp, p.ndim >= 2), []).append(p)
+    if spec.lr_mult and component_of is None:
+        raise ValueError("optim.lr_mult needs a component_of function to tell parameters apart")
+    return torch.optim.AdamW(
+        [
+            {"params": ps, "weight_decay": spec.weight_decay if decay else 0.0, "lr_mult": spec.lr_mult.get(comp, 1.0)}
+            for (comp, decay), ps in groups.items()
+        ],
+        lr=spec.lr,
+        betas=spec.betas,
+        foreach=True,
+    )
 
 
 def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
@@ -72,7 +86,7 @@ def optimizer_step(
 ) -> StepResult:
     """One optimizer step over the micro-batches of a gradient-accumulation step."""
     for g in optimizer.param_groups:
-        g["lr"] = lr
+        g["lr"] = lr * g.get("lr_mult", 1.0)
     total = sum(int((mb["labels"][:, 1:] != IGNORE).sum()) for mb in micro_batches)
     denom = max(total, 1)
     loss_sum = 0.0

@@ -24,7 +24,7 @@ def test_tiny_recipe_validates():
     r = load_recipe(TINY)
     assert list(r.stages) == ["data", "model", "pretrain"]
     assert r.stages["pretrain"].from_ == "model"
-    assert [p.trainable for p in r.stages["pretrain"].phases] == ["language", "vision+projector", "all"]
+    assert [p.trainable for p in r.stages["pretrain"].phases] == ["language", "vision+projector", "all", "all"]
 
 
 def test_unknown_key_names_the_path():
@@ -90,7 +90,7 @@ def test_override_does_not_mutate_input():
 
 @pytest.mark.parametrize(
     "item,match",
-    [("nokey", "key.path=value"), ("pretrain.phases.9.steps=1", "list index below 3"), ("seed.x=1", "is a value")],
+    [("nokey", "key.path=value"), ("pretrain.phases.9.steps=1", "list index below 4"), ("seed.x=1", "is a value")],
 )
 def test_bad_overrides(item, match):
     with pytest.raises(RecipeError, match=match):

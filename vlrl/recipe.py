@@ -60,6 +60,10 @@ class OptimSpec(_Strict):
     min_lr_ratio: float = Field(0.1, ge=0, le=1)
     decay_ratio: float = Field(0.2, gt=0, le=1, description="WSD: share of steps spent decaying")
     grad_clip: float | None = Field(1.0, gt=0)
+    lr_mult: dict[Literal["language", "vision", "projector"], float] = Field(
+        default_factory=dict,
+        description="per-component multiplier of lr (e.g. {vision: 0.1}); a ViT trained at the LM's lr inflates its output norm",
+    )
 
 
 class DataSelect(_Strict):

@@ -315,3 +315,26 @@ def make_engine(kind: str, model_path: str, device: str = "auto", **opts: Any) -
     module, cls_name = ENGINES[kind].split(":")
     cls = getattr(importlib.import_module(module), cls_name)
     return cls.from_pretrained(model_path, device=device, **opts)
+
+
+class TextGenerator:
+    """Any rollout engine as `generate(prompts: list[str], **sampling) -> list[str]`.
+
+    Text-only callers (the generative judge in `rewards/models.py`, scripts) need one
+    string back per prompt string; this wraps each prompt as a one-turn user chat and
+    maps vLLM/OpenAI-style keywords (`max_tokens`) onto `SamplingParams`, so the judge
+    runs on the same engine (and the same loaded weights) as the rollouts.
+    """
+
+    _ALIASES = {"max_tokens": "max_new_tokens"}
+
+    def __init__(self, engine: "RolloutEngine"):
+        self.engine = engine
+
+    def generate(self, prompts: Sequence[str], **sampling: Any) -> list[str]:
+        kw = {self._ALIASES.get(k, k): v for k, v in sampling.items()}
+        params = SamplingParams(**{**kw, "n": 1})
+        requests = [
+            GenerationRequest(request_id=f"text-{i}", messages=(Message(role="user", content=p),)) for i, p in enumerate(prompts)
+        ]
+        return [group[0].text for group in self.engine.generate(requests, params)]

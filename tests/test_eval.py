@@ -6,6 +6,7 @@ import json
 import numpy as np
 import pytest
 import torch
+
 from PIL import Image
 
 from vlrl.answers import answer_type_for, is_correct
@@ -14,8 +15,8 @@ from vlrl.data.io import write_records
 from vlrl.data.records import Record
 from vlrl.errors import DataError
 from vlrl.eval import Prediction, evaluate, generate_responses, render_table, summarize
-from vlrl.model.batching import collate_for_training
-from vlrl.model.tiny import build_tiny_model
+
+from vlrl_test_helpers import train_micro
 
 TASKS = [("read_digits", "perception"), ("count_shapes", "perception"), ("text_arith", "text"), ("arith", "reasoning")]
 
@@ -47,16 +48,7 @@ def trained():
     rng = np.random.default_rng(1)
     pairs = _records(16, rng)
     samples = [Sample(r, imgs, i + 1) for i, (r, imgs) in enumerate(pairs)]
-    corpus = [m.parts()[-1].text for r, _ in pairs for m in r.messages] * 10
-    model, processor = build_tiny_model(corpus, preset="micro", seed=0)
-    torch.manual_seed(0)
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    batch = collate_for_training(samples[:12], processor, max_length=128)
-    for _ in range(40):
-        model(**batch, use_cache=False).loss.backward()
-        opt.step()
-        opt.zero_grad()
-    model.eval()
+    model, processor = train_micro(samples)
     return model, processor, samples
 
 

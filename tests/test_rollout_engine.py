@@ -8,6 +8,7 @@ import math
 import numpy as np
 import pytest
 import torch
+
 from PIL import Image
 
 from rollout.engine import Completion, GenerationRequest, SamplingParams
@@ -15,8 +16,9 @@ from rollout.hf_engine import HFEngine, draw, filter_logits, sample_tokens
 from vlrl.data.images import Sample
 from vlrl.data.records import Record
 from vlrl.eval import _greedy_config
-from vlrl.model.batching import collate_for_generation, collate_for_training
-from vlrl.model.tiny import build_tiny_model
+from vlrl.model.batching import collate_for_generation
+
+from vlrl_test_helpers import train_micro
 
 torch.set_num_threads(1)
 
@@ -50,16 +52,7 @@ def trained():
     """A micro model trained 40 steps: it writes answers of varied lengths and ends
     them with <|im_end|>, so rows finish at different steps."""
     samples = _samples(16, seed=1)
-    corpus = [m.parts()[-1].text for s in samples for m in s.record.messages] * 10
-    model, processor = build_tiny_model(corpus, preset="micro", seed=0)
-    torch.manual_seed(0)
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    batch = collate_for_training(samples[:12], processor, max_length=128)
-    for _ in range(40):
-        model(**batch, use_cache=False).loss.backward()
-        opt.step()
-        opt.zero_grad()
-    model.eval()
+    model, processor = train_micro(samples)
     return model, processor, [GenerationRequest.from_sample(s) for s in samples]
 
 

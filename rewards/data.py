@@ -6,13 +6,12 @@ A row is either a plain one, `{"response", "answer", "prompt"?, "task"?, "meta"?
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 from pydantic import ValidationError
 
-from vlrl.data.io import location
+from vlrl.data.io import iter_jsonl_objects, location
 from vlrl.data.records import Record
 from vlrl.errors import DataError
 
@@ -26,18 +25,7 @@ def read_jsonl(path: str | Path) -> list[dict]:
     p = Path(path)
     if not p.is_file():
         raise DataError(f"file {p}: no such file")
-    rows = []
-    with p.open(encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{location(p, n)}: not valid JSON ({e.msg})") from None
-            if not isinstance(row, dict):
-                raise DataError(f"{location(p, n)}: a row must be a JSON object, got {type(row).__name__}")
-            rows.append(row)
+    rows = [row for _, row in iter_jsonl_objects(p)]
     return rows
 
 

@@ -93,8 +93,10 @@ def _validate(obj: Any, source: Path, row: int) -> Record:
         raise DataError(f"{location(source, row)}: {_validation_message(e)}") from None
 
 
-def _jsonl_rows(path: Path) -> Iterator[tuple[int, Record]]:
-    with path.open("r", encoding="utf-8") as f:
+def iter_jsonl_objects(path: Path) -> Iterator[tuple[int, dict]]:
+    """(line number, object) for each non-blank line; a line that is not a JSON object
+    is a DataError naming file and line. Shared by record loading and `vlrl rewards test`."""
+    with Path(path).open("r", encoding="utf-8") as f:
         for line_no, line in enumerate(f, start=1):
             if not line.strip():
                 continue
@@ -102,7 +104,14 @@ def _jsonl_rows(path: Path) -> Iterator[tuple[int, Record]]:
                 obj = json.loads(line)
             except json.JSONDecodeError as e:
                 raise DataError(f"{location(path, line_no)}: not valid JSON ({e.msg} at column {e.colno})") from None
-            yield line_no, _validate(obj, path, line_no)
+            if not isinstance(obj, dict):
+                raise DataError(f"{location(path, line_no)}: expected a JSON object, got {type(obj).__name__}")
+            yield line_no, obj
+
+
+def _jsonl_rows(path: Path) -> Iterator[tuple[int, Record]]:
+    for line_no, obj in iter_jsonl_objects(path):
+        yield line_no, _validate(obj, path, line_no)
 
 
 def _parquet_rows(path: Path) -> Iterator[tuple[int, Record]]:

@@ -6,44 +6,18 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration, Qwen3VLProcessor
-from transformers.models.qwen2_vl.image_processing_qwen2_vl import Qwen2VLImageProcessor
-from transformers.models.qwen3_vl.video_processing_qwen3_vl import Qwen3VLVideoProcessor
 
 from vlrl.data.images import Sample
 from vlrl.data.records import Record
 from vlrl.model.batching import IGNORE_INDEX, collate_for_generation, collate_for_training
 from vlrl.model.loading import component_of, count_parameters, load_model, load_processor, set_trainable
-from vlrl.model.tokenizer import train_tokenizer
+
+from vlrl_test_helpers import build_tiny_qwen3
 
 
 @pytest.fixture(scope="module")
 def qwen3_dir(tmp_path_factory):
-    tok = train_tokenizer(["What number is shown?", "\\boxed{482}", "7 + 5 = 12."] * 30, vocab_size=512)
-    ids = {t: tok.convert_tokens_to_ids(t) for t in ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>")}
-    config = Qwen3VLConfig(
-        text_config=dict(
-            vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, head_dim=16, max_position_embeddings=1024, pad_token_id=tok.pad_token_id,
-            rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3], "mrope_interleaved": True},
-        ),
-        vision_config=dict(
-            depth=2, hidden_size=64, intermediate_size=128, num_heads=2, patch_size=16, out_hidden_size=64,
-            num_position_embeddings=64, deepstack_visual_indexes=[0],
-        ),
-        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
-        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
-    )
-    torch.manual_seed(0)
-    model = Qwen3VLForConditionalGeneration(config)
-    size = {"shortest_edge": 32 * 32, "longest_edge": 128 * 128}
-    geometry = dict(patch_size=16, temporal_patch_size=2, merge_size=2)
-    processor = Qwen3VLProcessor(
-        image_processor=Qwen2VLImageProcessor(size=dict(size), **geometry),
-        tokenizer=tok,
-        video_processor=Qwen3VLVideoProcessor(size=dict(size), **geometry),
-        chat_template=tok.chat_template,
-    )
+    model, processor = build_tiny_qwen3(["What number is shown?", "\\boxed{482}", "7 + 5 = 12."] * 30, vision_depth=2, longest_edge=128)
     out = tmp_path_factory.mktemp("qwen3")
     model.save_pretrained(out)
     processor.save_pretrained(out)

@@ -6,47 +6,29 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration, Qwen3VLProcessor
-from transformers.models.qwen2_vl.image_processing_qwen2_vl import Qwen2VLImageProcessor
-from transformers.models.qwen3_vl.video_processing_qwen3_vl import Qwen3VLVideoProcessor
 
 from rollout.engine import GenerationRequest, SamplingParams
 from rollout.hf_engine import HFEngine
 from vlrl.eval import _greedy_config
 from vlrl.model.batching import collate_for_generation
-from vlrl.model.tokenizer import train_tokenizer
+
+from vlrl_test_helpers import build_tiny_qwen3
 
 torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="module")
 def qwen3():
-    tok = train_tokenizer(["What number is shown?", "\\boxed{482}", "7 + 5 = 12. Count the red shapes."] * 30, vocab_size=512)
-    ids = {t: tok.convert_tokens_to_ids(t) for t in ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>")}
-    config = Qwen3VLConfig(
-        text_config=dict(
-            vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, head_dim=16, max_position_embeddings=1024, pad_token_id=tok.pad_token_id,
-            rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3], "mrope_interleaved": True},
-        ),
-        vision_config=dict(depth=1, hidden_size=64, intermediate_size=128, num_heads=2, patch_size=16, out_hidden_size=64,
-                           num_position_embeddings=64, deepstack_visual_indexes=[0]),
-        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
-        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
+    model, processor = build_tiny_qwen3(
+        ["What number is shown?", "\\boxed{482}", "7 + 5 = 12. Count the red shapes."] * 30, vision_depth=1, longest_edge=64
     )
-    torch.manual_seed(0)
-    model = Qwen3VLForConditionalGeneration(config).eval()
+    model.eval()
+    tok = processor.tokenizer
     # Larger weights than the init: logits then vary a lot with position, which is what this test probes.
     with torch.no_grad():
         for p in model.parameters():
             if p.ndim > 1:
                 p.mul_(4.0)
-    size = {"shortest_edge": 32 * 32, "longest_edge": 64 * 64}
-    geometry = dict(patch_size=16, temporal_patch_size=2, merge_size=2)
-    processor = Qwen3VLProcessor(
-        image_processor=Qwen2VLImageProcessor(size=dict(size), **geometry), tokenizer=tok,
-        video_processor=Qwen3VLVideoProcessor(size=dict(size), **geometry), chat_template=tok.chat_template,
-    )
     model.generation_config.eos_token_id = tok.convert_tokens_to_ids("<|im_end|>")
     model.generation_config.pad_token_id = tok.pad_token_id
     return model, processor

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from sft.pretrain import select_indices
+from sft.pretrain import phase_pool
 from sft.sampler import BatchSampler
 from sft.state import TrainerState, save_state
 from sft.trainer import LoopHooks, make_optimizer, optimizer_step, train_steps
@@ -92,7 +92,7 @@ def main() -> None:
     model = load_model(work / "model", device="cpu")
     processor = load_processor(work / "model")
     ds = RecordDataset(split_path(work / "data", "train"))
-    pool, _ = select_indices(ds.records, DataSelect())
+    pool, _ = phase_pool(ds.records, DataSelect())
     sampler = BatchSampler(len(pool), args.batch_size, seed=0)
 
     def collate(k: int):

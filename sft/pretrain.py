@@ -26,6 +26,7 @@ from sft.sampler import BatchSampler
 from sft.state import TrainerState, load_state, read_state, save_state
 from sft.trainer import LoopHooks, make_optimizer, make_progress, train_steps
 from vlrl.data.records import Record
+from vlrl.data.synth import select_indices
 from vlrl.errors import VlrlError
 from vlrl.recipe import DataSelect, Phase, PretrainStage
 
@@ -38,17 +39,10 @@ TRAINABLE = {
 }
 
 
-def select_indices(records: list[Record], select: DataSelect) -> tuple[list[int], list[float] | None]:
+def phase_pool(records: list[Record], select: DataSelect) -> tuple[list[int], list[float] | None]:
     """Indices of the records a phase trains on, and per-record sampling weights if the
     phase gives family weights (weights are spread evenly over a family's records)."""
-    lo, hi = select.difficulty
-    idx = [
-        i
-        for i, r in enumerate(records)
-        if (select.families is None or r.family in select.families)
-        and (select.tasks is None or r.task in select.tasks)
-        and lo <= r.difficulty <= hi
-    ]
+    idx = select_indices(records, families=select.families, tasks=select.tasks, difficulty=select.difficulty)
     if not select.weights:
         return idx, None
     per_family: dict[str, int] = {}
@@ -111,7 +105,7 @@ def run_stage(ctx) -> dict:
                 if pi < state.phase:
                     continue
                 counts = set_trainable(model, TRAINABLE[phase.trainable])
-                pool, weights = select_indices(records, phase.select)
+                pool, weights = phase_pool(records, phase.select)
                 if not pool:
                     raise VlrlError(f"stages.{ctx.name}.phases.{pi}.select: no training records match {phase.select.model_dump(exclude_none=True)}")
                 bs = phase.batch_size or cfg.batch_size

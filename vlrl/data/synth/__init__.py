@@ -6,7 +6,7 @@ task registry `TASKS`.
 """
 
 from vlrl.data.synth.corpus import corpus_texts, glossary_texts
-from vlrl.data.synth.select import select
+from vlrl.data.synth.select import select, select_indices
 from vlrl.data.synth.tasks import DIFFICULTIES, FAMILIES, FAMILY_TASKS, TASKS, Task
 from vlrl.data.synth.writer import DEFAULT_MIX, VERSION, make_dataset
 
@@ -22,4 +22,5 @@ __all__ = [
     "glossary_texts",
     "make_dataset",
     "select",
+    "select_indices",
 ]

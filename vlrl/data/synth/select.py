@@ -7,7 +7,7 @@ choice in the recipe instead of in separate files.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 from vlrl.data.records import Record
 from vlrl.data.synth.tasks import FAMILIES
@@ -22,6 +22,18 @@ def select(
     difficulty: tuple[int, int] | None = None,
 ) -> list[Record]:
     """Records whose family, task and difficulty (inclusive band) all match; None = any."""
+    records = list(records)
+    return [records[i] for i in select_indices(records, families=families, tasks=tasks, difficulty=difficulty)]
+
+
+def select_indices(
+    records: Sequence[Record],
+    *,
+    families: Iterable[str] | None = None,
+    tasks: Iterable[str] | None = None,
+    difficulty: tuple[int, int] | None = None,
+) -> list[int]:
+    """Positions of the matching records: samplers draw indices into the dataset."""
     fams = None if families is None else set(families)
     if fams is not None and not fams <= set(FAMILIES):
         bad = sorted(fams - set(FAMILIES))
@@ -31,7 +43,7 @@ def select(
     if not 1 <= lo <= hi <= 5:
         raise VlrlError(f"difficulty band ({lo}, {hi}) is not within 1-5 with low <= high")
     return [
-        r for r in records
+        i for i, r in enumerate(records)
         if (fams is None or r.family in fams)
         and (task_set is None or r.task in task_set)
         and lo <= r.difficulty <= hi

@@ -153,3 +153,13 @@ def test_stage_refuses_missing_input(tmp_path):
     p = _write(tmp_path, micro_recipe(tmp_path / "run"))
     res = _cli("stage", "pretrain", str(p))
     assert res.returncode == 2 and "needs stage 'model'" in res.stderr
+
+
+def test_eval_stage_without_data_uses_the_data_stage(tmp_path):
+    raw = micro_recipe(tmp_path / "run", steps=1)
+    raw["stages"]["pretrain"]["eval"] = False
+    raw["stages"]["final"] = {"kind": "eval", "from": "pretrain", "limit": 5, "max_new_tokens": 4}
+    done = run_recipe(validate_recipe(raw))
+    assert [d["stage"] for d in done] == ["data", "model", "pretrain", "final"]
+    ev = json.loads((tmp_path / "run" / "final" / "eval.json").read_text())
+    assert ev["n"] == 5 and ev["data"].endswith("eval.jsonl") and "pretrain" in ev["model"]

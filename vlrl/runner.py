@@ -78,11 +78,22 @@ def _resolve(recipe: Recipe, ref: str | None, base: Path) -> Path | None:
     return Path(ref)
 
 
+def default_eval_data(recipe: Recipe, name: str) -> str | None:
+    """Where a stage's eval reads from: the recipe's eval.data, else the stage's own data,
+    else the first data stage."""
+    st = recipe.stages[name]
+    data = recipe.eval.data or getattr(st, "data", None)
+    return data or next((n for n, s in recipe.stages.items() if s.kind == "data"), None)
+
+
 def resolve_inputs(recipe: Recipe, name: str, base: Path) -> dict[str, Path]:
     st = recipe.stages[name]
     inputs: dict[str, Path] = {}
     for key, attr in (("from", "from_"), ("data", "data")):
-        p = _resolve(recipe, getattr(st, attr, None), base)
+        ref = getattr(st, attr, None)
+        if key == "data" and ref is None and st.kind == "eval":
+            ref = default_eval_data(recipe, name)
+        p = _resolve(recipe, ref, base)
         if p is not None:
             inputs[key] = p
     return inputs
@@ -94,9 +105,7 @@ def eval_spec_for(recipe: Recipe, name: str) -> EvalSpec | None:
     if st.kind not in MODEL_KINDS or st.eval is False:
         return None
     spec = st.eval if isinstance(st.eval, EvalSpec) else recipe.eval
-    data = spec.data or recipe.eval.data or getattr(st, "data", None)
-    if data is None:
-        data = next((n for n, s in recipe.stages.items() if s.kind == "data"), None)
+    data = spec.data or default_eval_data(recipe, name)
     if data is None:
         return None
     return spec.model_copy(update={"data": data})
@@ -143,7 +152,7 @@ def run_stage(recipe: Recipe, name: str, *, console: Console | None = None, base
         from vlrl.stages import eval_checkpoint
 
         data_dir = _resolve(recipe, spec.data, base)
-        summary["eval"] = eval_checkpoint(ctx, ctx.checkpoint_dir if st.kind != "model" or not getattr(st, "path", None) else Path(st.path), data_dir, spec)
+        summary["eval"] = eval_checkpoint(ctx, stage_output(recipe, name, base), data_dir, spec)
     done = {"stage": name, "kind": st.kind, "fingerprint": recipe.stage_fingerprint(name), "seconds": round(time.time() - t0, 1), "finished": time.time(), "summary": summary}
     _write_json_atomic(stage_dir / "DONE.json", done)
     return done

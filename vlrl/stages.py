@@ -94,8 +94,6 @@ def run_eval(ctx) -> dict:
     st = ctx.config
     data = ctx.inputs.get("data")
     if data is None:
-        from vlrl.runner import _resolve, eval_spec_for
-
-        data = _resolve(ctx.recipe, ctx.recipe.eval.data or next(n for n, s in ctx.recipe.stages.items() if s.kind == "data"), ctx.recipe.base_dir())
+        raise VlrlError(f"stages.{ctx.name}: no data to evaluate on: set `data:` or add a data stage before it")
     spec = EvalSpec(split=st.split, limit=st.limit, batch_size=st.batch_size, max_new_tokens=st.max_new_tokens)
     return eval_checkpoint(ctx, ctx.inputs["from"], data, spec)

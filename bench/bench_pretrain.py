@@ -28,7 +28,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from sft.pretrain import phase_pool
 from sft.sampler import BatchSampler
 from sft.state import TrainerState, save_state
-from sft.trainer import LoopHooks, make_optimizer, optimizer_step, train_steps
+from sft.trainer import LoopHooks, make_optimizer, train_steps
 from vlrl.data.images import RecordDataset
 from vlrl.data.io import split_path
 from vlrl.data.synth import corpus_texts, make_dataset

@@ -17,7 +17,6 @@ last checkpoint was taken.
 from __future__ import annotations
 
 import shutil
-from pathlib import Path
 from typing import Iterator
 
 import torch

@@ -20,7 +20,7 @@ from rich.console import Console
 
 from vlrl.device import DeviceSpec, resolve_device
 from vlrl.errors import NotAvailableYet, VlrlError
-from vlrl.recipe import BUILT_KINDS, DataStage, EvalSpec, EvalStage, Recipe
+from vlrl.recipe import BUILT_KINDS, DataStage, EvalSpec, Recipe
 from vlrl.tracking import Tracker
 
 STAGE_IMPLS: dict[str, str] = {

@@ -34,7 +34,7 @@ import torch
 from verl.trainer.config import AlgoConfig
 from verl.trainer.ppo import core_algos
 
-from rlhf.config import AdvantageConfig
+from vlrl.rl_config import AdvantageConfig
 
 # Estimator -> extra inputs it cannot run without (beyond rewards, mask and group index).
 _EXTRAS: dict[str, tuple[str, ...]] = {

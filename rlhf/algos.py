@@ -17,7 +17,7 @@ from rlhf.advantages import (
 )
 from rlhf.agg import LossNorm, aggregate
 from rlhf.batching import GroupFilter, MiniBatch, fill_batch, filter_groups, mask_truncated, minibatches
-from rlhf.config import (
+from vlrl.rl_config import (
     AGG_MODES,
     ESTIMATORS,
     LOSSES,

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from verl.trainer.ppo import core_algos
 
-from rlhf.config import AggMode, KLConfig, KLKind
+from vlrl.rl_config import AggMode, KLConfig, KLKind
 from rlhf.agg import LossNorm, aggregate
 
 

@@ -38,7 +38,7 @@ from verl.trainer.ppo import core_algos
 from verl.workers.config import ActorConfig, PolicyLossConfig
 
 from rlhf.agg import LossNorm, aggregate
-from rlhf.config import LossConfig, MismatchConfig, RLAlgoConfig
+from vlrl.rl_config import LossConfig, MismatchConfig, RLAlgoConfig
 from rlhf.kl import kl_loss
 from rlhf.mismatch import mismatch_metrics, rollout_correction
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from verl.trainer.ppo import rollout_corr_helper as rch
 
-from rlhf.config import MismatchConfig
+from vlrl.rl_config import MismatchConfig
 
 
 @torch.no_grad()

@@ -11,7 +11,7 @@ import torch
 from verl.trainer.ppo import core_algos
 
 from rlhf import algos as A
-from rlhf.config import VERL_ESTIMATORS, VERL_LOSSES, VLRL_ESTIMATORS, VLRL_LOSSES
+from vlrl.rl_config import VERL_ESTIMATORS, VERL_LOSSES, VLRL_ESTIMATORS, VLRL_LOSSES
 
 # Two groups, interleaved so grouping must follow the ids, not the positions.
 GROUPS = ["a", "b", "a", "b", "a", "b", "b"]

@@ -192,7 +192,7 @@ def test_config_module_imports_without_torch_or_verl():
     import subprocess
     import sys
 
-    code = "import sys, rlhf.config; print('torch' in sys.modules, 'verl' in sys.modules)"
+    code = "import sys, vlrl.rl_config; print('torch' in sys.modules, 'verl' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     assert out == ["False", "False"]
 

@@ -18,69 +18,18 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, model_validator
 
 from vlrl.errors import RecipeError
+from vlrl.recipe_base import DataSelect, EvalSpec, OptimSpec, TrackingSpec, _StageBase, _Strict  # noqa: F401 (re-exported)
+from vlrl.recipe_rl import RlStage
+from vlrl.recipe_sft import MergeStage, SftStage
 
 STAGE_KINDS = ("data", "model", "pretrain", "sft", "rl", "merge", "eval")
 BUILT_KINDS = ("data", "model", "pretrain", "eval")
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", populate_by_name=True)
-
-
-# --------------------------------------------------------------------------- shared parts
-
-
-class EvalSpec(_Strict):
-    """Greedy eval on a held-out split; every training stage ends with it."""
-
-    data: str | None = Field(None, description="data stage name or dataset folder; default: the recipe's eval.data")
-    split: str = "eval"
-    limit: int | None = Field(None, ge=1, description="evaluate at most this many records")
-    batch_size: int = Field(32, ge=1)
-    max_new_tokens: int = Field(64, ge=1)
-
-
-class TrackingSpec(_Strict):
-    """Metrics always go to metrics.jsonl; these add other sinks."""
-
-    tensorboard: bool = True
-    wandb: bool = False  # offline mode unless WANDB_MODE says otherwise
-    mlflow: bool = False  # file store under the run directory
-
-
-class OptimSpec(_Strict):
-    lr: float = Field(1e-3, gt=0)
-    weight_decay: float = Field(0.01, ge=0)
-    betas: tuple[float, float] = (0.9, 0.95)
-    schedule: Literal["cosine", "wsd", "constant"] = "cosine"
-    warmup_steps: int = Field(20, ge=0)
-    min_lr_ratio: float = Field(0.1, ge=0, le=1)
-    decay_ratio: float = Field(0.2, gt=0, le=1, description="WSD: share of steps spent decaying")
-    grad_clip: float | None = Field(1.0, gt=0)
-    lr_mult: dict[Literal["language", "vision", "projector"], float] = Field(
-        default_factory=dict,
-        description="per-component multiplier of lr (e.g. {vision: 0.1}); a ViT trained at the LM's lr inflates its output norm",
-    )
-
-
-class DataSelect(_Strict):
-    """Which records of the train split a phase draws from."""
-
-    families: list[Literal["perception", "reasoning", "text"]] | None = None
-    tasks: list[str] | None = None
-    difficulty: tuple[int, int] = (1, 5)
-    weights: dict[str, float] | None = Field(None, description="sampling weight per family (default: as in the data)")
-
-
 # --------------------------------------------------------------------------- stages
-
-
-class _StageBase(_Strict):
-    kind: str
-    eval: EvalSpec | bool | None = Field(None, description="eval after the stage; None = recipe default, false = off")
 
 
 class DataStage(_StageBase):
@@ -130,26 +79,6 @@ class PretrainStage(_StageBase):
     log_every: int = Field(10, ge=1)
     on_bad_image: Literal["error", "skip"] = "error"
     seed: int | None = None
-
-
-class _PlannedStage(_StageBase):
-    """Stage kinds the schema knows but this version cannot run yet."""
-
-    model_config = ConfigDict(extra="allow", populate_by_name=True)
-    from_: str | None = Field(None, alias="from")
-    data: str | None = None
-
-
-class SftStage(_PlannedStage):
-    kind: Literal["sft"] = "sft"
-
-
-class RlStage(_PlannedStage):
-    kind: Literal["rl"] = "rl"
-
-
-class MergeStage(_PlannedStage):
-    kind: Literal["merge"] = "merge"
 
 
 class EvalStage(_StageBase):

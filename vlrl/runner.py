@@ -28,6 +28,9 @@ STAGE_IMPLS: dict[str, str] = {
     "model": "vlrl.stages:run_model",
     "pretrain": "sft.pretrain:run_stage",
     "eval": "vlrl.stages:run_eval",
+    "sft": "sft.sft_stage:run_stage",
+    "merge": "sft.merge:run_stage",
+    "rl": "rlhf.stage:run_stage",
 }
 # Stages whose output is a checkpoint (and so end with an eval).
 MODEL_KINDS = ("model", "pretrain", "sft", "rl", "merge")
@@ -122,7 +125,7 @@ def _write_json_atomic(path: Path, obj: Any) -> None:
 
 
 def _load_impl(kind: str) -> Callable[[StageContext], dict]:
-    if kind not in STAGE_IMPLS:
+    if kind not in BUILT_KINDS or kind not in STAGE_IMPLS:
         built = ", ".join(BUILT_KINDS)
         raise NotAvailableYet(f"stage kind {kind!r} is not available yet in this version of vlrl (available: {built})")
     module, fn = STAGE_IMPLS[kind].split(":")

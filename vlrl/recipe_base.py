@@ -1,0 +1,68 @@
+"""Parts shared by every stage's config: strict models, optimizer, data selection, eval.
+
+Split from vlrl/recipe.py so each stage kind's config can live in its own module
+(vlrl/recipe_sft.py, vlrl/recipe_rl.py) without an import cycle.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+
+# --------------------------------------------------------------------------- shared parts
+
+
+class EvalSpec(_Strict):
+    """Greedy eval on a held-out split; every training stage ends with it."""
+
+    data: str | None = Field(None, description="data stage name or dataset folder; default: the recipe's eval.data")
+    split: str = "eval"
+    limit: int | None = Field(None, ge=1, description="evaluate at most this many records")
+    batch_size: int = Field(32, ge=1)
+    max_new_tokens: int = Field(64, ge=1)
+
+
+class TrackingSpec(_Strict):
+    """Metrics always go to metrics.jsonl; these add other sinks."""
+
+    tensorboard: bool = True
+    wandb: bool = False  # offline mode unless WANDB_MODE says otherwise
+    mlflow: bool = False  # file store under the run directory
+
+
+class OptimSpec(_Strict):
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.01, ge=0)
+    betas: tuple[float, float] = (0.9, 0.95)
+    schedule: Literal["cosine", "wsd", "constant"] = "cosine"
+    warmup_steps: int = Field(20, ge=0)
+    min_lr_ratio: float = Field(0.1, ge=0, le=1)
+    decay_ratio: float = Field(0.2, gt=0, le=1, description="WSD: share of steps spent decaying")
+    grad_clip: float | None = Field(1.0, gt=0)
+    lr_mult: dict[Literal["language", "vision", "projector"], float] = Field(
+        default_factory=dict,
+        description="per-component multiplier of lr (e.g. {vision: 0.1}); a ViT trained at the LM's lr inflates its output norm",
+    )
+
+
+class DataSelect(_Strict):
+    """Which records of the train split a phase draws from."""
+
+    families: list[Literal["perception", "reasoning", "text"]] | None = None
+    tasks: list[str] | None = None
+    difficulty: tuple[int, int] = (1, 5)
+    weights: dict[str, float] | None = Field(None, description="sampling weight per family (default: as in the data)")
+
+
+# --------------------------------------------------------------------------- stage base
+
+
+class _StageBase(_Strict):
+    kind: str
+    eval: EvalSpec | bool | None = Field(None, description="eval after the stage; None = recipe default, false = off")

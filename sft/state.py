@@ -29,6 +29,12 @@ class TrainerState:
     tokens: int = 0  # target tokens trained on so far
     skipped: int = 0  # samples skipped for a bad image (on_bad_image: skip)
     complete: bool = False
+    # Consumed-data tracker of the phase in progress (SFT): stream positions [0, cursor)
+    # were drawn; those in `pending` were drawn but not yet trained on (a packed batch
+    # had no room) and lead the next batch. Pretraining leaves them at their defaults.
+    cursor: int = 0
+    pending: list[int] = field(default_factory=list)
+    consumed: int = 0  # records trained on so far in the stage
     extra: dict[str, Any] = field(default_factory=dict)
 
 

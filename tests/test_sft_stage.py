@@ -1,0 +1,147 @@
+"""The SFT stage end to end on the micro model: packing metrics, plan, eval, and a SIGKILL
+at a mid-phase checkpoint followed by a rerun that ends bitwise equal to an uninterrupted run."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from safetensors.torch import load_file
+
+from vlrl.errors import RecipeError
+from vlrl.recipe import validate_recipe
+from vlrl.tracking import read_metrics
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def sft_config(src: str = "model", data: str = "data", **over) -> dict:
+    return {
+        "from": src,
+        "data": data,
+        "batch_size": 2,
+        "max_length": 160,
+        "checkpoint_every": 1,
+        "log_every": 1,
+        "packing": {"enabled": True, "max_length": 320, "max_image_tokens": 48},
+        "replay": {"general": 0.2, "perception": 0.2},
+        "phases": [
+            {"name": "easy", "select": {"families": ["reasoning"], "difficulty": [1, 2]}, "steps": 3},
+            {"name": "all", "select": {"families": ["reasoning"]}, "steps": 4, "optim": {"lr": 3e-4, "warmup_steps": 1}},
+        ],
+        "restore": {"steps": 2},
+        **over,
+    }
+
+
+def recipe(run_dir: Path, stages: dict) -> dict:
+    return {
+        "name": "sft-micro",
+        "run_dir": str(run_dir),
+        "device": "cpu",
+        "threads": 1,
+        "tracking": {"tensorboard": False},
+        "eval": {"data": "data", "limit": 12, "batch_size": 12, "max_new_tokens": 8},
+        "stages": stages,
+    }
+
+
+BASE = {"data": {"n": 80, "n_eval": 12, "seed": 1}, "model": {"preset": "micro", "corpus_size": 300, "eval": False}}
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "vlrl.cli", *args], capture_output=True, text=True, cwd=ROOT)
+
+
+def _write(path: Path, raw: dict) -> Path:
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def test_sft_config_is_strict():
+    raw = recipe(Path("/tmp/x"), BASE | {"sft": sft_config(phases=[{"name": "a", "steps": 1, "stepz": 2}])})
+    with pytest.raises(RecipeError, match="stages.sft.phases.0.stepz: unknown key"):
+        validate_recipe(raw, "r.yaml")
+    raw = recipe(Path("/tmp/x"), BASE | {"sft": sft_config(packing={"enabled": True, "max_length": 100})})
+    with pytest.raises(RecipeError, match="packing.max_length"):
+        validate_recipe(raw, "r.yaml")
+    raw = recipe(Path("/tmp/x"), BASE | {"sft": sft_config(replay={"general": 0.6, "perception": 0.5})})
+    with pytest.raises(RecipeError, match="replay"):
+        validate_recipe(raw, "r.yaml")
+
+
+@pytest.mark.timeout(120)
+def test_sigkill_then_rerun_resumes_bitwise(tmp_path):
+    """Reference run (data, model, SFT with packing), then the same SFT killed at a
+    mid-phase checkpoint and rerun: same weights bit for bit, same data stream."""
+    ref = _write(tmp_path / "ref.yaml", recipe(tmp_path / "ref", BASE | {"sft": sft_config(eval=False)}))
+    res = _cli("run", str(ref))
+    assert res.returncode == 0, res.stderr[-2000:]
+    src, data = str(tmp_path / "ref" / "model" / "checkpoint"), str(tmp_path / "ref" / "data")
+    killed = _write(tmp_path / "killed.yaml", recipe(tmp_path / "killed", {"sft": sft_config(src, data, eval=False)}) | {"eval": {"data": data}})
+
+    proc = subprocess.Popen([sys.executable, "-m", "vlrl.cli", "run", str(killed)], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    state = tmp_path / "killed" / "sft" / "state" / "trainer_state.json"
+    deadline = time.time() + 90
+    while time.time() < deadline:
+        try:
+            st = json.loads(state.read_text())
+        except (FileNotFoundError, json.JSONDecodeError):
+            st = {}
+        if st.get("phase") == 1 and st.get("step", 0) >= 2:
+            break
+        time.sleep(0.02)
+    else:
+        proc.kill()
+        pytest.fail("the run never reached a mid-phase checkpoint")
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (tmp_path / "killed" / "sft" / "DONE.json").exists()
+    assert st["cursor"] > 0  # the tracker was saved with the checkpoint
+
+    res = _cli("run", str(killed))
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "resuming" in res.stdout
+    a = load_file(str(tmp_path / "ref" / "sft" / "checkpoint" / "model.safetensors"))
+    b = load_file(str(tmp_path / "killed" / "sft" / "checkpoint" / "model.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        assert (a[k] == b[k]).all(), k
+
+    # Same data stream: per-step cursor and consumed counts match the uninterrupted run.
+    def stream(run: str) -> dict:
+        rows = read_metrics(tmp_path / run / "sft" / "metrics.jsonl")
+        return {r["step"]: (r["data/cursor"], r["data/consumed"]) for r in rows if "data/cursor" in r}
+
+    ref_stream, got = stream("ref"), stream("killed")
+    assert sorted(ref_stream) == list(range(1, 10))
+    for step, v in got.items():  # the killed run logged steps before the kill and after the rerun
+        assert ref_stream[step] == v, step
+    assert set(got) == set(ref_stream)
+    done = json.loads((tmp_path / "killed" / "sft" / "DONE.json").read_text())["summary"]
+    assert done["consumed"] == json.loads((tmp_path / "ref" / "sft" / "DONE.json").read_text())["summary"]["consumed"]
+
+
+def test_stage_writes_plan_metrics_and_eval(tmp_path):
+    from vlrl.runner import run_recipe
+
+    done = run_recipe(validate_recipe(recipe(tmp_path / "run", BASE | {"sft": sft_config()})))
+    assert [d["stage"] for d in done] == ["data", "model", "sft"]
+    sft = tmp_path / "run" / "sft"
+    plan = json.loads((sft / "plan.json").read_text())
+    assert [p["name"] for p in plan] == ["easy", "all", "restore"]
+    assert plan[0]["families"]["text"] == pytest.approx(0.2) and plan[2]["families"]["text"] == pytest.approx(0.5)
+    rows = [r for r in read_metrics(sft / "metrics.jsonl") if "train/loss" in r]
+    assert [r["step"] for r in rows] == list(range(1, 10))
+    assert all(0.5 < r["train/pack_efficiency"] <= 1.0 for r in rows)
+    assert rows[3]["train/lr"] == pytest.approx(3e-4)  # phase "all" has its own lr (warm-up of 1 step)
+    assert json.loads((sft / "eval.json").read_text())["n"] == 12
+    assert done[2]["summary"]["consumed"] == rows[-1]["data/consumed"] > 9 * 2  # packing puts > 1 record in a row

@@ -141,6 +141,31 @@ def eval_cmd(
         report.to_json(json_out)
 
 
+@app.command()
+def serve(
+    run_dir: Path = typer.Option(..., "--run", help="the run directory (runs/<name>)"),
+    host: str = typer.Option("127.0.0.1", "--host", help="address to bind; anything but loopback needs --token"),
+    port: int = typer.Option(8765, "--port", min=1, max=65535),
+    token: Optional[str] = typer.Option(None, "--token", help="every request must carry it (?token=, Bearer header or cookie)"),
+    device: str = typer.Option("auto", "--device", help="device for the live side's model"),
+) -> None:
+    """Serve the rollout inspector (web page + JSON API) for a run."""
+    serve_fn = getattr(importlib.import_module("rollout.server.app"), "serve")  # lazily: vlrl never imports rollout
+    serve_fn(run_dir, host=host, port=port, token=token, device=device)
+
+
+@app.command()
+def report(
+    run_dir: Path = typer.Argument(..., help="the run directory (runs/<name>)"),
+    out: Optional[Path] = typer.Option(None, "--out", help="HTML file to write (default RUN_DIR/report.html)"),
+) -> None:
+    """Write a self-contained HTML report of a run: curves, eval tables, ablations."""
+    if not run_dir.is_dir():
+        raise VlrlError(f"{run_dir}: not a run directory (no such folder)")
+    write_report = getattr(importlib.import_module("rollout.server.report"), "write_report")
+    console.print(f"[green]ok[/]: {write_report(run_dir, out)}")
+
+
 def _mount_subcommands() -> None:
     for name, (module, attr, help_text) in SUBCOMMANDS.items():
         if importlib.util.find_spec(module) is None:

@@ -1,0 +1,107 @@
+"""The inspector page in headless Chromium: open a run, filter, open a group, see the image
+and the components; a screenshot is saved (tmp_path) for a person to look at."""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import threading
+import time
+
+import pytest
+import uvicorn
+
+from rollout.server.app import create_app
+from rollout.server.demo import write_demo_run
+
+CHROMIUM = "/usr/bin/chromium"
+# As root on a closed network: no sandbox, and none of Chromium's background connections.
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--headless",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+
+
+@contextlib.contextmanager
+def running(app):
+    """uvicorn on a free loopback port in a thread -> base URL."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.time() + 10
+    while not server.started:
+        if time.time() > deadline:
+            raise RuntimeError("server did not start")
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+
+
+@pytest.fixture
+def browser(tmp_path):
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        try:
+            yield b
+        finally:
+            b.close()
+
+
+def test_page_filters_opens_group_and_shows_image_and_components(tmp_path, browser):
+    run = write_demo_run(tmp_path / "run", steps=3, groups=3, group_size=4)
+    with running(create_app(run)) as url:
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        errors = []
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        page.goto(url + "/")
+        page.wait_for_selector("body[data-ready='1']", timeout=10_000)
+        assert page.locator("#run-name").inner_text().endswith("demo")
+        assert page.locator("#rows tbody tr").count() == 36  # 3 x 3 x 4 rollouts, one page
+
+        # filter: one task, accuracy component 1, sorted by total reward
+        page.select_option("#f-task", "arith")
+        page.select_option("#f-comp", "answer_match")
+        page.fill("#f-comp-min", "1")
+        page.select_option("#f-sort", "total_reward")
+        page.click("#apply")
+        page.wait_for_function("document.querySelector('#page-info').textContent.includes('of')")
+        rows = page.locator("#rows tbody tr")
+        n = rows.count()
+        assert n > 0
+        tasks = {rows.nth(i).locator("td").nth(2).inner_text() for i in range(n)}
+        assert tasks == {"arith"}
+        rewards = [float(rows.nth(i).locator("td").nth(6).inner_text()) for i in range(n)]
+        assert rewards == sorted(rewards, reverse=True)
+
+        # open the first row's group: the image loads, every component is compared
+        rows.first.locator("a.group-link").click()
+        page.wait_for_selector("#group:not([hidden]) img.prompt-image")
+        page.wait_for_function("document.querySelector('#group img.prompt-image').naturalWidth > 0")
+        assert page.locator("#group-samples .sample-card").count() == 4
+        comp_rows = page.locator("#group-components tbody tr")
+        names = [comp_rows.nth(i).get_attribute("data-component") for i in range(comp_rows.count())]
+        assert names[:3] == ["answer_match", "format", "length_penalty"] and "total" in names and "advantage" in names
+        assert page.locator("#group-samples .sample-card").first.locator(".bar[data-component='answer_match']").count() == 1
+
+        shot = tmp_path / "inspector.png"
+        page.screenshot(path=str(shot), full_page=True)
+        assert shot.stat().st_size > 10_000
+
+        # curves tab shows rendered SVG plots
+        page.click("button.tab[data-tab='curves']")
+        page.wait_for_function("[...document.querySelectorAll('#plots img')].length >= 3 && [...document.querySelectorAll('#plots img')].every(i => i.complete && i.naturalWidth > 0)")
+        assert not errors, errors

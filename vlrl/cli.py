@@ -126,6 +126,9 @@ def eval_cmd(
     batch_size: int = typer.Option(32, "--batch-size"),
     max_new_tokens: int = typer.Option(64, "--max-new-tokens"),
     device: str = typer.Option("auto", "--device"),
+    resolutions: Optional[str] = typer.Option(
+        None, "--resolutions", help="test-time resolution search over a min/max pixel grid: tiny, mindvl, or MIN,..:MAX,.. in image tokens"
+    ),
 ) -> None:
     """Greedy-decode the held-out set and print accuracy by family and difficulty."""
     from vlrl.data.io import split_path
@@ -135,10 +138,36 @@ def eval_cmd(
     data_file = data if data.is_file() else split_path(data, split)
     spec = resolve_device(device)
     spec.configure()
+    if resolutions is not None:
+        from vlrl.resolution import parse_grid, render_resolution_table, resolution_search
+
+        grid = parse_grid(resolutions)
+        found = resolution_search(model, data_file, grid=grid, batch_size=batch_size, max_new_tokens=max_new_tokens, limit=limit, device=spec.kind)
+        console.print(render_resolution_table(found))
+        if json_out:
+            found.to_json(json_out)
+        return
     report = evaluate(model, data_file, batch_size=batch_size, max_new_tokens=max_new_tokens, limit=limit, device=spec.kind)
     console.print(render_table(report))
     if json_out:
         report.to_json(json_out)
+
+
+@app.command()
+def merge(
+    checkpoints: list[Path] = typer.Argument(..., help="two or more checkpoint folders of one architecture"),
+    out: Path = typer.Option(..., "--out", help="folder for the merged checkpoint"),
+    weights: Optional[str] = typer.Option(None, "--weights", help="comma-separated weights, one per checkpoint (default equal)"),
+) -> None:
+    """Average checkpoints' weights (MindVL's merge of SFT runs) into a new checkpoint."""
+    parsed = None
+    if weights is not None:
+        try:
+            parsed = [float(w) for w in weights.split(",")]
+        except ValueError:
+            raise VlrlError(f"--weights {weights!r}: expected comma-separated numbers, e.g. 0.5,0.5") from None
+    merge_fn = getattr(importlib.import_module("sft.merge"), "merge_checkpoints")  # lazily: vlrl never imports sft
+    console.print(f"[green]ok[/]: {merge_fn(checkpoints, out, parsed)}")
 
 
 @app.command()

@@ -1,0 +1,95 @@
+"""RL checkpoints: what a killed RL stage needs to continue exactly where it stopped.
+
+Layout of `<stage>/state/`:
+- `policy/`: the policy in Hugging Face format (save_pretrained + processor), so a
+  checkpoint is also a model anyone can load or evaluate;
+- `optimizer.pt`: AdamW state;
+- `rl_state.json`: the step (completed steps), the prompt sampler's cursor, the KL
+  coefficient the controller carries, the controller's RNG states, running counters.
+
+A save goes to `state.tmp/` first and is swapped in with renames, so a SIGKILL at any
+moment leaves the old state or the new one, never half of each (`find_checkpoint`
+also accepts a `state.old/` left by a kill between the two renames).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+STATE_FILE = "rl_state.json"
+
+
+def rng_state() -> dict[str, Any]:
+    st = {"python": random.getstate(), "torch": torch.get_rng_state().tolist(), "numpy": np.random.get_state()}
+    st["numpy"] = [st["numpy"][0], st["numpy"][1].tolist(), *st["numpy"][2:]]
+    if torch.cuda.is_available():
+        st["cuda"] = [s.tolist() for s in torch.cuda.get_rng_state_all()]
+    return st
+
+
+def set_rng_state(st: dict[str, Any]) -> None:
+    py = st["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    torch.set_rng_state(torch.tensor(st["torch"], dtype=torch.uint8))
+    npst = st["numpy"]
+    np.random.set_state((npst[0], np.array(npst[1], dtype=np.uint32), *npst[2:]))
+    if "cuda" in st and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in st["cuda"]])
+
+
+def save_policy(out_dir: Path, model: torch.nn.Module, processor) -> None:
+    """HF-format policy, written beside and renamed into place."""
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    model.save_pretrained(tmp)
+    processor.save_pretrained(tmp)
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    os.replace(tmp, out_dir)
+
+
+def save_checkpoint(state_dir: Path, model: torch.nn.Module, processor, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+    tmp = state_dir.with_name(state_dir.name + ".tmp")
+    old = state_dir.with_name(state_dir.name + ".old")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    model.save_pretrained(tmp / "policy")
+    processor.save_pretrained(tmp / "policy")
+    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    (tmp / STATE_FILE).write_text(json.dumps(state))
+    for f in tmp.rglob("*"):
+        if f.is_file():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+    if state_dir.exists():
+        if old.exists():
+            shutil.rmtree(old)
+        os.replace(state_dir, old)
+    os.replace(tmp, state_dir)
+    if old.exists():
+        shutil.rmtree(old)
+
+
+def find_checkpoint(state_dir: Path) -> Path | None:
+    """The newest complete checkpoint folder (`state/`, or `state.old/` after a kill mid-swap)."""
+    for cand in (state_dir, state_dir.with_name(state_dir.name + ".old")):
+        if (cand / STATE_FILE).is_file() and (cand / "policy" / "config.json").is_file():
+            return cand
+    return None
+
+
+def read_checkpoint(state_dir: Path) -> tuple[Path, dict[str, Any]] | None:
+    found = find_checkpoint(state_dir)
+    if found is None:
+        return None
+    return found, json.loads((found / STATE_FILE).read_text())

@@ -1,0 +1,241 @@
+"""Where the RL stage's workers run, and the Ray plumbing for it.
+
+Placements (the recipe's `placement`):
+- `colocate` (default; one device used in turns, the only sensible mode on one GPU or
+  on CPU): rollout workers are Ray actors; trainer, reference and reward stack live in
+  the controller's process. The steps of a synchronous GRPO loop never overlap, so
+  separate processes for the trainer and reference would only add copies: in-process,
+  the reference reads the batch the trainer reads, and the trainer's weights are
+  packed once per step into Ray's shared-memory store for the rollout workers. The
+  rollout workers stay actors so a crashed engine is restarted by Ray and its step
+  retried, without losing the trainer.
+- `split`: every worker is its own Ray actor; rollout workers get their own devices
+  (one GPU/NPU each on accelerators).
+- `inline`: no Ray at all, every worker an object in the controller's process
+  (debugging, notebooks, and the fastest start for tiny runs).
+
+Ray starts locally with this machine's CPUs (`ray.address: null`) or joins a cluster
+(`ray.address: auto` or `host:port`). An actor is reached through `Remote`, which turns
+`proxy.method(args)` into `ray.get(actor.method.remote(args))`, so the controller's code
+is the same for every placement.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from rollout.engine import Completion, GenerationRequest, SamplingParams, StaleWeightsError
+from rollout.worker import RolloutWorker
+from vlrl.device import DeviceSpec
+from vlrl.errors import VlrlError
+from vlrl.recipe_rl import RaySpec
+
+
+def start_ray(spec: RaySpec) -> bool:
+    """Start (or join) Ray; -> True when this call started it (so the stage stops it)."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    kwargs: dict[str, Any] = dict(include_dashboard=False, logging_level=logging.WARNING, log_to_driver=True)
+    if spec.address is None:
+        kwargs.update(address="local", num_cpus=spec.num_cpus or os.cpu_count() or 1)
+        if spec.object_store_mb is not None:
+            kwargs["object_store_memory"] = spec.object_store_mb * 2**20
+    else:
+        kwargs["address"] = spec.address
+    try:
+        ray.init(**kwargs)
+    except (ConnectionError, RuntimeError, ValueError) as e:
+        where = "a local Ray" if spec.address is None else f"the Ray cluster at {spec.address!r}"
+        raise VlrlError(f"cannot start {where}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
+    return True
+
+
+def stop_ray() -> None:
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+
+
+class Remote:
+    """A Ray actor whose methods are called synchronously: `proxy.m(x)` = `ray.get(actor.m.remote(x))`."""
+
+    def __init__(self, actor: Any) -> None:
+        self.actor = actor
+
+    def __getattr__(self, name: str) -> Callable[..., Any]:
+        method = getattr(self.actor, name)
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            import ray
+
+            return ray.get(method.remote(*args, **kwargs))
+
+        return call
+
+
+def actor_options(device: DeviceSpec, placement: str, role: str) -> dict[str, Any]:
+    """Ray resources of one actor. In colocate the actors share the device in turns, so
+    they reserve a fraction of it (on CPU: none); in split each reserves a whole one."""
+    share = placement == "colocate"
+    if device.kind == "cpu":
+        return {"num_cpus": 0 if share else 1}
+    if device.ray_resource in (None, "GPU"):
+        return {"num_cpus": 0, "num_gpus": 0.25 if share else 1}
+    return {"num_cpus": 0, "resources": {device.ray_resource: 0.25 if share else 1}}
+
+
+def spawn(cls: type, placement: str, device: DeviceSpec, role: str, /, *args: Any, max_restarts: int = 0, **kwargs: Any) -> Any:
+    """`cls(*args, **kwargs)` in this process (inline) or as a Ray actor behind `Remote`."""
+    if placement == "inline":
+        return cls(*args, **kwargs)
+    import ray
+
+    opts = actor_options(device, placement, role)
+    actor = ray.remote(cls).options(max_restarts=max_restarts, max_task_retries=0, **opts).remote(*args, **kwargs)
+    return Remote(actor)
+
+
+# --------------------------------------------------------------------------- rollout workers
+
+
+def _dead(e: BaseException) -> bool:
+    """A worker that died or is restarting (as opposed to a bug in the request)."""
+    from ray.exceptions import ActorUnavailableError, RayActorError
+
+    return isinstance(e, (RayActorError, ActorUnavailableError))
+
+
+class RolloutPool:
+    """The step's prompts split over the rollout workers; a dead worker's share is retried.
+
+    `current_weights()` -> (packed full weights, version) is asked only when a worker comes
+    back from a restart holding older weights than the step requires."""
+
+    def __init__(self, workers: Sequence[Any], *, remote: bool, current_weights: Callable[[], tuple[Any, int]], retries: int = 2) -> None:
+        self.workers = list(workers)
+        self.remote = remote
+        self.current_weights = current_weights
+        self.retries = retries
+        self.restarts = 0  # worker restarts seen (each one retried a step's share)
+
+    def generate(self, requests: Sequence[GenerationRequest], params: SamplingParams, min_version: int) -> tuple[list[list[Completion]], dict[str, float]]:
+        """-> (completions per request, in request order; {"seconds", "tokens"} of the slowest worker / all)."""
+        shares = _split(list(requests), len(self.workers))
+        if not self.remote:
+            outs = [w.generate(s, params, min_version) for w, s in zip(self.workers, shares) if s]
+        else:
+            refs = [(i, w.actor.generate.remote(s, params, min_version)) for i, (w, s) in enumerate(zip(self.workers, shares)) if s]
+            outs = [self._get(i, ref, shares[i], params, min_version) for i, ref in refs]
+        groups = [g for out, _ in outs for g in out]
+        stats = {"seconds": max(s["seconds"] for _, s in outs), "tokens": sum(s["tokens"] for _, s in outs)}
+        return groups, stats
+
+    def _get(self, i: int, ref: Any, share: list, params: SamplingParams, min_version: int):
+        import ray
+
+        for attempt in range(self.retries + 1):
+            try:
+                return ray.get(ref)
+            except Exception as e:  # noqa: BLE001 - sorted below
+                stale = isinstance(e, StaleWeightsError)
+                if not (_dead(e) or stale) or attempt == self.retries:
+                    raise
+                if not stale:
+                    self.restarts += 1
+                self._resync(self.workers[i])
+                ref = self.workers[i].actor.generate.remote(share, params, min_version)
+        raise AssertionError("unreachable")
+
+    def _resync(self, worker: Remote, timeout_s: float = 300.0) -> None:
+        """Wait for a restarted worker, then give it the current weights if it is behind."""
+        import ray
+
+        deadline = time.time() + timeout_s
+        while True:
+            try:
+                held = ray.get(worker.actor.version.remote())
+                break
+            except Exception as e:  # noqa: BLE001
+                if not _dead(e) or time.time() > deadline:
+                    raise VlrlError(f"rollout worker did not come back after a crash ({type(e).__name__}: {e})") from e
+                time.sleep(0.2)
+        packed, version = self.current_weights()
+        if held < version:
+            ray.get(worker.actor.update_weights.remote(packed, version))
+
+    def sync(self, packed_or_named: Any, version: int) -> None:
+        """Send new weights to every worker (packed numpy for actors, tensors in-process)."""
+        if not self.remote:
+            for w in self.workers:
+                w.update_tensors(packed_or_named, version)
+            return
+        import ray
+
+        # Once in the shared-memory store, read by every worker (a split trainer already put it there).
+        ref = packed_or_named if isinstance(packed_or_named, ray.ObjectRef) else ray.put(packed_or_named)
+        refs = [w.actor.update_weights.remote(ref, version) for w in self.workers]
+        for w, r in zip(self.workers, refs):
+            for attempt in range(self.retries + 1):
+                try:
+                    ray.get(r)
+                    break
+                except Exception as e:  # noqa: BLE001
+                    if not _dead(e) or attempt == self.retries:
+                        raise
+                    self.restarts += 1
+                    self._resync(w)  # a restarted worker gets the full current weights instead
+                    break
+
+    def versions(self) -> list[int]:
+        return [w.version() for w in self.workers]
+
+    def close(self) -> None:
+        for w in self.workers:
+            try:
+                w.close()
+            except Exception:  # noqa: BLE001 - closing must not hide the caller's error
+                pass
+        if self.remote:
+            import ray
+
+            for w in self.workers:
+                ray.kill(w.actor)
+
+
+def _split(items: list, parts: int) -> list[list]:
+    """Contiguous shares, sizes differing by at most one (request order is kept)."""
+    k, r = divmod(len(items), parts)
+    out, start = [], 0
+    for i in range(parts):
+        end = start + k + (1 if i < r else 0)
+        out.append(items[start:end])
+        start = end
+    return out
+
+
+def make_rollout_pool(
+    cfg_rollout,
+    placement: str,
+    device: DeviceSpec,
+    model_path: str,
+    *,
+    threads: int | None,
+    current_weights: Callable[[], tuple[Any, int]],
+    retries: int,
+) -> RolloutPool:
+    """Rollout workers built from the starting checkpoint at version 0."""
+    opts = dict(max_batch_rows=cfg_rollout.max_batch_rows) if cfg_rollout.engine == "hf" else {}
+    opts.update(cfg_rollout.engine_options)
+    workers = [
+        spawn(RolloutWorker, placement, device, "rollout", cfg_rollout.engine, str(model_path), device=device.kind, version=0,
+              threads=threads, options=opts, max_restarts=max(retries, 1) if placement != "inline" else 0)
+        for _ in range(cfg_rollout.workers)
+    ]
+    return RolloutPool(workers, remote=placement != "inline", current_weights=current_weights, retries=retries)

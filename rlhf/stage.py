@@ -1,0 +1,390 @@
+"""The RL stage: the controller that drives GRPO (or any critic-free estimator) step by step.
+
+One step, top to bottom (`Controller.step`):
+  prompts (curriculum, cursor) -> G samples per prompt (rollout workers, weights of
+  version = step, never older) -> rewards (reward stack) [-> more prompts while DAPO
+  dynamic sampling drops equal-reward groups] -> reference logprobs (if KL) ->
+  advantages -> policy update (epochs x mini-batches; skipped when no sample carries a
+  learning signal) -> weight sync (version step + 1) -> rollout store rows -> metrics
+  -> checkpoint every `checkpoint_every` steps.
+
+Policy version v means "the weights after v completed steps"; step s samples with
+version s, so every rollout is on-policy and the store says so per row.
+
+Resume: the last checkpoint (rlhf/checkpoint.py) holds the policy, optimizer, step,
+prompt cursor, KL coefficient and RNG states; the store drops rows of the steps after
+it (`discard_after`), and those steps run again exactly as they would have: sampling
+seeds, prompt draws and mini-batch orders are pure functions of (seed, step, ...).
+
+Where we depart from the GRPO paper and from TRL/verl: see rlhf/workers.py (the update)
+and docs/rl-algorithms.md (the math); the loop itself is synchronous and on-policy.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import time
+from collections import defaultdict
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from rlhf import algos as A
+from rlhf.batch import build_policy_batch
+from rlhf.checkpoint import read_checkpoint, rng_state, set_rng_state
+from rlhf.curriculum import PromptCurriculum
+from rlhf.placement import make_rollout_pool, spawn, start_ray, stop_ray
+from rlhf.workers import PolicyTrainer, ReferenceWorker, RewardWorker
+from rollout.engine import Completion, GenerationRequest, SamplingParams
+from rollout.store import RolloutRow, RolloutStatus, RolloutStore
+from sft.trainer import lr_at
+from vlrl.errors import RecipeError
+from vlrl.recipe_rl import RlStage
+
+
+@dataclass
+class Group:
+    """One prompt of a step and its G samples."""
+
+    gid: str  # unique within the step
+    record_index: int
+    request: GenerationRequest
+    completions: list[Completion]
+    results: list[Any]  # rewards.stack.RewardResult per completion
+    kept: bool = True  # dynamic sampling kept it for the update
+
+
+@dataclass
+class Timer:
+    seconds: dict[str, float] = field(default_factory=lambda: defaultdict(float))
+
+    @contextmanager
+    def __call__(self, name: str):
+        t = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] += time.perf_counter() - t
+
+
+def validate_rewards(cfg: RlStage, where: str):
+    """The rewards section, checked before anything is loaded."""
+    from rewards.stack import RewardStackConfig
+
+    try:
+        return RewardStackConfig.model_validate(cfg.rewards)
+    except Exception as e:  # pydantic's message, made one line
+        first = str(e).splitlines()
+        raise RecipeError(f"{where}.rewards: {' '.join(s.strip() for s in first[:3])}") from None
+
+
+class Controller:
+    def __init__(self, ctx, cfg: RlStage) -> None:
+        from vlrl.data.images import RecordDataset
+        from vlrl.data.io import split_path
+
+        self.ctx, self.cfg = ctx, cfg
+        where = f"stages.{ctx.name}"
+        reward_cfg = validate_rewards(cfg, where)
+        self.seed = ctx.seed()
+        self.data_file = split_path(ctx.inputs["data"], "train")
+        self.dataset = RecordDataset(self.data_file)
+        self.curriculum = PromptCurriculum(self.dataset.records, cfg.curriculum, self.seed, where=f"{where}.curriculum")
+        self.state_dir = ctx.dir / "state"
+        found = read_checkpoint(self.state_dir)
+        self.start, self.cursor, self.kl_coef = 0, 0, A.initial_kl_coef(cfg.algo.kl, cfg.steps)
+        self.version = 0  # policy version the rollout workers hold
+        start_path = ctx.inputs["from"]
+        if found is not None:
+            path, st = found
+            self.start, self.cursor, self.kl_coef = st["step"], st["cursor"], st["kl_coef"]
+            start_path = path / "policy"
+            set_rng_state(st["rng"])
+            ctx.console.print(f"[yellow]resuming[/] rl at step {self.start} (prompt cursor {self.cursor})")
+        self.placement = cfg.placement
+        self.started_ray = start_ray(cfg.ray) if cfg.placement != "inline" else False
+        device = ctx.device
+        threads = ctx.recipe.threads or os.cpu_count()
+        # Rollout actors start first (Ray brings them up in the background while the
+        # trainer loads here). They load the stage's input and get the resumed weights below.
+        self.pool = make_rollout_pool(
+            cfg.rollout, cfg.placement, device, str(ctx.inputs["from"]), threads=threads,
+            current_weights=self._full_weights, retries=cfg.rollout_retries,
+        )
+        trainer_where = "inline" if cfg.placement != "split" else "split"
+        self.trainer = spawn(
+            PolicyTrainer, trainer_where, device, "trainer", str(start_path), device=device.kind, algo=cfg.algo, optim=cfg.optim,
+            trainable=cfg.trainable, temperature=cfg.rollout.temperature, micro_batch_size=cfg.micro_batch_size, threads=threads,
+        )
+        if found is not None:
+            self.trainer.load_optimizer(found[0] / "optimizer.pt")
+        self.reference = None
+        if cfg.use_reference:
+            self.reference = spawn(
+                ReferenceWorker, trainer_where, device, "reference", str(ctx.inputs["from"]), device=device.kind,
+                temperature=cfg.rollout.temperature, micro_batch_size=cfg.micro_batch_size, threads=threads,
+            )
+        self.rewards = spawn(RewardWorker, trainer_where, device, "reward", reward_cfg)
+        from vlrl.model.loading import load_processor
+
+        self.processor = load_processor(start_path)
+        self.store = RolloutStore.in_dir(ctx.dir)
+        dropped = self.store.discard_after(self.start - 1)
+        if dropped:
+            ctx.console.print(f"[dim]rollout store: dropped {dropped} rows of steps >= {self.start} (replayed now)[/]")
+        if self.start > 0:
+            self.pool.sync(self._weights(full=True), self.start)
+        self.version = self.start
+        self.tracker = ctx.tracker()
+
+    # -- weights -----------------------------------------------------------------
+    def _weights(self, full: bool = False) -> Any:
+        """What a sync sends: tensors (inline), packed numpy (colocate) or an object ref (split)."""
+        if self.placement == "inline":
+            return self.trainer.all_weights() if full else self.trainer.trained_weights()
+        if self.placement == "split":
+            return self.trainer.actor.packed.remote(full)
+        return self.trainer.packed(full)
+
+    def _full_weights(self) -> tuple[Any, int]:
+        return self._weights(full=True), self.version
+
+    # -- one step -------------------------------------------------------------------
+    def step(self, s: int) -> dict[str, float]:
+        cfg, timer = self.cfg, Timer()
+        t0 = time.perf_counter()
+        groups, rounds, sampling = self._collect(s, timer)
+        kept = [g for g in groups if g.kept]
+        rows = [(g, j) for g in kept for j in range(len(g.completions))]
+        with timer("prepare"):
+            batch = build_policy_batch(
+                [g.request for g in kept], [k for k, g in enumerate(kept) for _ in g.completions], [c for g in kept for c in g.completions], self.processor
+            )
+            scores = torch.tensor([g.results[j].total for g, j in rows], dtype=torch.float32)  # (B,)
+            token_rewards = A.outcome_to_token_rewards(scores, batch.response_mask)  # before truncation masking
+            mask, trunc = A.mask_truncated(batch.response_mask, [g.completions[j].finish_reason for g, j in rows], cfg.algo.mask_truncated)
+            batch.response_mask = mask
+            adv, _, adv_metrics = A.compute_advantages(
+                token_rewards, mask, [g.gid for g, _ in rows], cfg.algo.advantage, reward_components=self._components(rows)
+            )
+        ref = None
+        if self.reference is not None:
+            with timer("reference"):
+                ref = self.reference.logprobs(batch)
+        learn = A.has_learning_signal(adv, mask) or self.kl_coef > 0 or cfg.algo.entropy.coef > 0
+        train = {"actor/skipped": 0.0 if learn else 1.0}
+        if learn:
+            with timer("train"):
+                train.update(self.trainer.update(batch, adv, ref_logprobs=ref, kl_coef=self.kl_coef, lr=lr_at(s, cfg.steps, cfg.optim), step=s))
+        with timer("sync"):  # an update-free step still moves the version: the weights of version s+1 are those of s
+            self.pool.sync(self._weights() if learn else {}, s + 1)
+            self.version = s + 1
+        with timer("store"):
+            self.store.append(self._rows(s, groups, adv, mask))
+        metrics = self._metrics(s, groups, kept, batch, train, adv_metrics, {**trunc, **sampling}, timer, rounds)
+        metrics["time/step"] = time.perf_counter() - t0
+        self.kl_coef = A.next_kl_coef(cfg.algo.kl, s + 1, self.kl_coef, train.get("actor/kl_loss"), batch.rows, cfg.steps)
+        return metrics
+
+    def _collect(self, s: int, timer: Timer) -> tuple[list[Group], int, dict[str, float]]:
+        """Prompts -> groups with rewards; DAPO dynamic sampling draws more rounds while
+        groups with equal rewards are dropped (all are kept without it)."""
+        cfg, ds = self.cfg, self.cfg.algo.dynamic_sampling
+        want = cfg.rollout.prompts_per_step
+        every: list[Group] = []
+        kept: list[Group] = []
+        sampling: dict[str, float] = {}
+        rounds = ds.max_rounds if ds.enabled else 1
+        for r in range(rounds):
+            groups = self._generate(s, r, timer)
+            with timer("reward"):
+                self._score(groups)
+            every += groups
+            if not ds.enabled:
+                return every, 1, sampling
+            filt = A.filter_groups([g.gid for g in groups for _ in g.completions], [x.total for g in groups for x in g.results], ds.tolerance)
+            for g in groups:
+                g.kept = g.gid in set(filt.kept_groups)
+            for k, v in filt.metrics.items():
+                sampling[k] = sampling.get(k, 0.0) + v if k != "sampling/kept_group_frac" else v
+            kept, full = A.fill_batch(kept, [g for g in groups if g.kept], want)
+            if full:
+                break
+        ids = {g.gid for g in kept}
+        for g in every:
+            g.kept = g.gid in ids
+        if not kept:  # nothing to learn from after every round: train on the last round (all advantages 0)
+            for g in every[-want:]:
+                g.kept = True
+        sampling["sampling/rounds"] = float(r + 1)
+        return every, r + 1, sampling
+
+    def _generate(self, s: int, r: int, timer: Timer) -> list[Group]:
+        cfg = self.cfg.rollout
+        first = self.cursor
+        idx = self.curriculum.draw(first, cfg.prompts_per_step, s)
+        self.cursor += len(idx)
+        requests = []
+        for k, i in enumerate(idx):
+            sample = self.dataset[i]
+            requests.append(GenerationRequest.from_sample(sample, request_id=f"{s}-{first + k}"))
+        params = SamplingParams(
+            n=cfg.n, temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k, max_new_tokens=cfg.max_tokens,
+            seed=(self.seed * 1_000_003 + s * 1_009 + r) % 2**31,
+        )
+        with timer("generate"):
+            out, stats = self.pool.generate(requests, params, min_version=s)
+        timer.seconds["generate_tokens"] += stats["tokens"]
+        return [Group(gid=req.request_id, record_index=i, request=req, completions=comps, results=[]) for req, i, comps in zip(requests, idx, out)]
+
+    def _score(self, groups: list[Group]) -> None:
+        from rewards.api import RewardSample
+        from vlrl.model.batching import chat_dicts
+
+        samples = []
+        for g in groups:
+            rec = self.dataset.records[g.record_index]
+            images = [str(self.data_file.parent / p) if isinstance(p, str) and not os.path.isabs(p) else p for p in rec.images]
+            prompt = chat_dicts(rec.prompt_messages())
+            for c in g.completions:
+                samples.append(
+                    RewardSample(
+                        response=c.text, prompt=prompt, answer=rec.answer, task=rec.task, difficulty=rec.difficulty, meta=rec.meta,
+                        response_ids=c.token_ids, finish_reason=c.finish_reason, images=images, group_id=g.gid, rewards=rec.rewards, id=rec.id,
+                    )
+                )
+        results, self._reward_stack_metrics = self.rewards.score(samples)
+        k = 0
+        for g in groups:
+            g.results = results[k : k + len(g.completions)]
+            k += len(g.completions)
+
+    def _components(self, rows) -> dict[str, list[float]] | None:
+        names = self.cfg.algo.advantage.gdpo_components
+        if not names:
+            return None
+        return {n: [float(g.results[j].components.get(n) or 0.0) for g, j in rows] for n in names}
+
+    # -- outputs --------------------------------------------------------------------
+    def _rows(self, s: int, groups: list[Group], adv: torch.Tensor, mask: torch.Tensor) -> list[RolloutRow]:
+        seq_adv = ((adv * mask).sum(-1) / mask.sum(-1).clamp(min=1)).tolist()  # (B,) token mean per kept row
+        base = self.ctx.dir.parent
+        out, b = [], 0
+        for g in groups:
+            rec = self.dataset.records[g.record_index]
+            images = [os.path.relpath(self.data_file.parent / p, base) for p in rec.images if isinstance(p, str)]
+            for c, res in zip(g.completions, g.results):
+                a = None
+                if g.kept:
+                    a, b = seq_adv[b], b + 1
+                comps = {k: (v if v is None or math.isfinite(v) else None) for k, v in res.components.items()}
+                out.append(
+                    RolloutRow(
+                        run=self.ctx.recipe.name, stage=self.ctx.name, step=s, policy_version=c.policy_version, group_id=g.gid,
+                        sample_index=c.sample_index, record_id=rec.id, task=rec.task, difficulty=rec.difficulty, prompt=list(g.request.messages),
+                        images=images, answer=rec.answer, response=c.text, response_tokens=len(c.token_ids), finish_reason=c.finish_reason,
+                        status=RolloutStatus.truncated if c.finish_reason == "length" else RolloutStatus.ok,
+                        error="; ".join(f"{k}: {v}" for k, v in res.failures.items())[:400] or None,
+                        components=comps, total_reward=res.total if math.isfinite(res.total) else 0.0, advantage=a,
+                        meta={"correct": res.correct, "kept": g.kept},
+                    )
+                )
+        return out
+
+    def _metrics(self, s, groups, kept, batch, train, adv_metrics, extra, timer: Timer, rounds: int) -> dict[str, float]:
+        results = [x for g in groups for x in g.results]
+        comps = [c for g in groups for c in g.completions]
+        m: dict[str, float] = {k: v for k, v in getattr(self, "_reward_stack_metrics", {}).items() if k.endswith(("fail_count", "none_count", "correct_rate"))}
+        by_name: dict[str, list[float]] = defaultdict(list)
+        for res in results:
+            by_name["total"].append(res.total)
+            for k, v in res.components.items():
+                if v is not None and math.isfinite(v):
+                    by_name[k].append(v)
+        for k, vals in by_name.items():
+            t = torch.tensor(vals, dtype=torch.float64)
+            m[f"reward/{k}/mean"], m[f"reward/{k}/std"] = float(t.mean()), float(t.std(unbiased=False))
+        acc: dict[str, list[bool]] = defaultdict(list)
+        for g in groups:
+            task = self.dataset.records[g.record_index].task
+            for res in g.results:
+                if res.correct is not None:
+                    acc[task].append(res.correct)
+                    acc["all"].append(res.correct)
+        m.update({f"acc/{t}": sum(v) / len(v) for t, v in acc.items()})
+        lengths = torch.tensor([len(c.token_ids) for c in comps], dtype=torch.float64)
+        m.update({"response/length_mean": float(lengths.mean()), "response/length_max": float(lengths.max()),
+                  "response/stop_frac": sum(c.finish_reason == "stop" for c in comps) / len(comps)})
+        m.update(adv_metrics)
+        m.update(extra)
+        m.update(train)
+        sec = timer.seconds
+        m["perf/rollout_tokens"] = sec.pop("generate_tokens", 0.0)
+        m["perf/rollout_tokens_per_s"] = m["perf/rollout_tokens"] / sec["generate"] if sec.get("generate") else 0.0
+        for k in ("generate", "reward", "reference", "train", "sync", "prepare", "store"):
+            m[f"time/{k}"] = sec.get(k, 0.0)
+        lo, hi = self.curriculum.band(s)
+        m.update({
+            "policy/version": float(s + 1), "rollout/min_version": float(s), "rollout/restarts": float(self.pool.restarts),
+            "rollout/prompts": float(len(groups)), "rollout/kept_prompts": float(len(kept)), "rollout/samples": float(len(comps)),
+            "curriculum/difficulty_lo": float(lo), "curriculum/difficulty_hi": float(hi), "curriculum/cursor": float(self.cursor),
+            "curriculum/perception_frac": sum(self.dataset.records[g.record_index].family == "perception" for g in groups) / len(groups),
+            "actor/kl_coef": float(self.kl_coef), "batch/rows": float(batch.rows),
+        })
+        return m
+
+    def checkpoint(self, step: int, complete: bool = False) -> None:
+        state = {"step": step, "cursor": self.cursor, "kl_coef": self.kl_coef, "version": step, "complete": complete, "rng": rng_state()}
+        self.trainer.save_checkpoint(self.state_dir, state)
+
+    def close(self) -> None:
+        for closer in (lambda: self.tracker.close(), lambda: self.store.close(), lambda: self.rewards.close(), lambda: self.pool.close()):
+            try:
+                closer()
+            except Exception:  # noqa: BLE001 - teardown must not hide the stage's own error
+                pass
+        if self.started_ray:
+            stop_ray()
+
+
+def _progress(console) -> Progress:
+    return Progress(
+        TextColumn("[bold]rl"), BarColumn(), MofNCompleteColumn(), TextColumn("reward {task.fields[reward]:.3f}"),
+        TextColumn("{task.fields[tps]:,.0f} rollout tok/s"), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
+        console=console, transient=False,
+    )
+
+
+def run_stage(ctx) -> dict:
+    cfg: RlStage = ctx.config
+    final = ctx.checkpoint_dir
+    found = read_checkpoint(ctx.dir / "state")
+    if found is not None and found[1].get("complete"):
+        if not (final / "config.json").is_file():
+            shutil.copytree(found[0] / "policy", final)
+        ctx.console.print(f"[dim]rl already trained ({found[1]['step']} steps); checkpoint at {final}[/]")
+        return {"steps": found[1]["step"]}
+    ctl = None
+    try:
+        ctl = Controller(ctx, cfg)
+        last: dict[str, float] = {}
+        with _progress(ctx.console) as progress:
+            task = progress.add_task("rl", total=cfg.steps, completed=ctl.start, reward=math.nan, tps=0.0)
+            for s in range(ctl.start, cfg.steps):
+                last = ctl.step(s)
+                ctl.tracker.log(last, step=s + 1)
+                progress.update(task, completed=s + 1, reward=last.get("reward/total/mean", math.nan), tps=last["perf/rollout_tokens_per_s"])
+                if (s + 1) % cfg.checkpoint_every == 0 and s + 1 != cfg.steps:
+                    ctl.checkpoint(s + 1)
+        ctl.trainer.save_pretrained(final)
+        ctl.checkpoint(cfg.steps, complete=True)
+        ctx.console.print(f"rl checkpoint: {final} ({cfg.steps} steps, {ctl.pool.restarts} rollout worker restart(s))")
+        return {"steps": cfg.steps, "reward_mean": last.get("reward/total/mean"), "rollout_restarts": ctl.pool.restarts}
+    finally:
+        if ctl is not None:
+            ctl.close()

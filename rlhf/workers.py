@@ -1,0 +1,213 @@
+"""The policy trainer, the reference worker and the reward worker of the RL stage.
+
+Plain classes: rlhf/placement.py runs each one in the controller's process or as a Ray
+actor, and the controller calls the same methods either way. (The rollout worker lives
+in rollout/worker.py, beside the engines.)
+
+The trainer's update, where it departs from verl's actor:
+- With one epoch and one mini-batch (the default) the "old" log-probabilities are the
+  current ones, detached, from the same forward pass (ratio exactly 1, as TRL does for
+  num_iterations=1); verl always runs a separate no-grad pass. A second pass runs only
+  when it is needed: several optimizer steps per RL step, or a mismatch correction that
+  must see the whole batch.
+- The logits are divided by the rollout temperature (as verl does), so the trainer's
+  log-probabilities and the sampler's describe the same distribution and their gap is
+  the mismatch metric.
+"""
+
+from __future__ import annotations
+
+import collections
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from rlhf import algos as A
+from rlhf.batch import PolicyBatch, response_logprobs
+from sft.pretrain import TRAINABLE
+from sft.trainer import make_optimizer
+from vlrl.recipe_base import OptimSpec
+from vlrl.rl_config import RLAlgoConfig
+
+# Metrics whose micro-batch values are parts of one mini-batch loss (global LossNorm): summed.
+_ADDITIVE = ("actor/loss", "actor/pg_loss", "actor/kl_loss", "actor/entropy")
+
+
+def _chunks(rows: torch.Tensor, size: int | None) -> list[torch.Tensor]:
+    if size is None or size >= len(rows):
+        return [rows]
+    return [rows[i : i + size] for i in range(0, len(rows), size)]
+
+
+@torch.no_grad()
+def batch_logprobs(model: torch.nn.Module, batch: PolicyBatch, temperature: float, micro_batch_size: int | None) -> torch.Tensor:
+    """log pi(response tokens) (B, R) without gradient, in micro-batches."""
+    parts = [response_logprobs(model, batch.select(rows), temperature)[0].cpu() for rows in _chunks(torch.arange(batch.rows), micro_batch_size)]
+    return torch.cat(parts)
+
+
+class PolicyTrainer:
+    """The policy being trained: model, AdamW, one RL update per call."""
+
+    def __init__(
+        self,
+        model_path: str | Path,
+        *,
+        device: str,
+        algo: RLAlgoConfig,
+        optim: OptimSpec,
+        trainable: str = "all",
+        temperature: float = 1.0,
+        micro_batch_size: int | None = None,
+        threads: int | None = None,
+    ) -> None:
+        from vlrl.model.loading import component_of, load_model, load_processor, set_trainable
+
+        if threads is not None:
+            torch.set_num_threads(threads)
+        self.model = load_model(model_path, device=device)
+        self.processor = load_processor(model_path)
+        set_trainable(self.model, TRAINABLE[trainable])
+        self.model.train()
+        self.optimizer = make_optimizer(self.model.named_parameters(), optim, component_of)
+        self.algo, self.optim, self.temperature, self.micro_batch_size = algo, optim, temperature, micro_batch_size
+
+    # -- the update ---------------------------------------------------------
+    def update(
+        self,
+        batch: PolicyBatch,
+        advantages: torch.Tensor,  # (B, R)
+        *,
+        ref_logprobs: torch.Tensor | None,  # (B, R)
+        kl_coef: float,
+        lr: float,
+        step: int,
+    ) -> dict[str, float]:
+        """Epochs x mini-batches of optimizer steps on one RL step's batch -> metrics."""
+        t0 = time.perf_counter()
+        cfg = self.algo
+        for g in self.optimizer.param_groups:
+            g["lr"] = lr * g.get("lr_mult", 1.0)
+        mbs = list(A.minibatches(batch.rows, cfg.mini_batch_size, cfg.epochs, seed=cfg.seed, step=step, shuffle=cfg.shuffle))
+        mask = batch.response_mask
+        correct = batch.rollout_logprobs is not None and (cfg.mismatch.is_level is not None or cfg.mismatch.rejection is not None)
+        old, is_weights, metrics = None, None, {}
+        if len(mbs) > 1 or correct:
+            old = batch_logprobs(self.model, batch, self.temperature, self.micro_batch_size)
+        if correct:
+            is_weights, mask, metrics = A.rollout_correction(old, batch.rollout_logprobs, mask, cfg.mismatch)
+        per_mb: list[dict[str, float]] = []
+        tokens, grad_norms = 0, []
+        for mb in mbs:
+            norm = A.LossNorm.of(mask[mb.indices])
+            sums: dict[str, list[float]] = collections.defaultdict(list)
+            for rows in _chunks(mb.indices, self.micro_batch_size):
+                sub = batch.select(rows)
+                logp, ent = response_logprobs(self.model, sub, self.temperature, entropy=True, entropy_grad=cfg.entropy.coef > 0)
+                loss, m = A.actor_loss(
+                    logp,
+                    logp.detach() if old is None else old[rows].to(logp.device),
+                    advantages[rows].to(logp.device),
+                    mask[rows].to(logp.device),
+                    cfg,
+                    kl_coef=kl_coef,
+                    ref_logprobs=None if ref_logprobs is None else ref_logprobs[rows].to(logp.device),
+                    entropy=ent,
+                    rollout_logprobs=None if sub.rollout_logprobs is None else sub.rollout_logprobs.to(logp.device),
+                    rollout_is_weights=None if is_weights is None else is_weights[rows].to(logp.device),
+                    norm=norm,
+                )
+                loss.backward()
+                tokens += sub.tokens()
+                for k, v in m.items():
+                    sums[k].append(v)
+            grad_norms.append(self._optimizer_step())
+            per_mb.append({k: (sum(v) if k in _ADDITIVE else sum(v) / len(v)) for k, v in sums.items()})
+        for k in per_mb[0]:
+            vals = [m[k] for m in per_mb if k in m and m[k] is not None and math.isfinite(m[k])]
+            if vals:
+                metrics[k] = sum(vals) / len(vals)
+        seconds = time.perf_counter() - t0
+        metrics.update(
+            {
+                "actor/grad_norm": sum(grad_norms) / len(grad_norms),
+                "actor/lr": lr,
+                "actor/optimizer_steps": float(len(mbs)),
+                "perf/train_tokens": float(tokens),
+                "perf/train_tokens_per_s": tokens / seconds if seconds > 0 else 0.0,
+            }
+        )
+        return metrics
+
+    def _optimizer_step(self) -> float:
+        params = [p for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
+        if self.optim.grad_clip:
+            norm = float(torch.nn.utils.clip_grad_norm_(params, self.optim.grad_clip, foreach=True))
+        else:
+            norm = float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params]))) if params else 0.0
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return norm
+
+    # -- weights --------------------------------------------------------------
+    def trained_weights(self) -> dict[str, torch.Tensor]:
+        """The tensors an update can change (what a weight sync sends)."""
+        return {n: p.detach() for n, p in self.model.named_parameters() if p.requires_grad}
+
+    def all_weights(self) -> dict[str, torch.Tensor]:
+        """Every tensor (for a rollout worker that restarted from the initial checkpoint)."""
+        return {n: t.detach() for n, t in self.model.state_dict().items()}
+
+    def packed(self, full: bool = False):
+        from rollout.weight_sync import pack
+
+        return pack(self.all_weights() if full else self.trained_weights())
+
+    # -- checkpoints ----------------------------------------------------------
+    def save_checkpoint(self, state_dir: Path, state: dict[str, Any]) -> None:
+        from rlhf.checkpoint import save_checkpoint
+
+        save_checkpoint(Path(state_dir), self.model, self.processor, self.optimizer, state)
+
+    def load_optimizer(self, path: Path) -> None:
+        self.optimizer.load_state_dict(torch.load(path, weights_only=True))
+
+    def save_pretrained(self, out_dir: Path) -> None:
+        from rlhf.checkpoint import save_policy
+
+        save_policy(Path(out_dir), self.model, self.processor)
+
+
+class ReferenceWorker:
+    """The frozen starting policy: log-probabilities for the KL term."""
+
+    def __init__(self, model_path: str | Path, *, device: str, temperature: float = 1.0, micro_batch_size: int | None = None, threads: int | None = None):
+        from vlrl.model.loading import load_model
+
+        if threads is not None:
+            torch.set_num_threads(threads)
+        self.model = load_model(model_path, device=device, trainable=False)
+        self.temperature, self.micro_batch_size = temperature, micro_batch_size
+
+    def logprobs(self, batch: PolicyBatch) -> torch.Tensor:
+        return batch_logprobs(self.model, batch, self.temperature, self.micro_batch_size)
+
+
+class RewardWorker:
+    """The reward stack (rule rewards in its own process pool, model rewards in-process)."""
+
+    def __init__(self, config):
+        """`config`: a validated rewards.stack.RewardStackConfig (rlhf.stage.validate_rewards)."""
+        from rewards.stack import RewardStack
+
+        self.stack = RewardStack.from_config(config).start()
+
+    def score(self, samples: list) -> tuple[list, dict[str, float]]:
+        results = self.stack.score(samples)
+        return results, self.stack.metrics()
+
+    def close(self) -> None:
+        self.stack.close()

@@ -26,7 +26,7 @@ from vlrl.recipe_rl import RlStage
 from vlrl.recipe_sft import MergeStage, SftStage
 
 STAGE_KINDS = ("data", "model", "pretrain", "sft", "rl", "merge", "eval")
-BUILT_KINDS = ("data", "model", "pretrain", "eval", "sft", "merge")
+BUILT_KINDS = ("data", "model", "pretrain", "eval", "rl", "sft", "merge")
 
 
 # --------------------------------------------------------------------------- stages

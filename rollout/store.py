@@ -462,6 +462,18 @@ class RolloutStore:
             )
         return out
 
+    def correct_share_by_step(self) -> dict[int, float]:
+        """Per step, the share of rows whose `meta["correct"]` is true among rows that carry
+        a verdict (the RL stage stores the reward stack's verdict there); steps without any
+        verdict are absent. A scan of the meta column: for curves, not for listings."""
+        sql = """
+            SELECT step, AVG(CASE WHEN json_extract(meta, '$.correct') THEN 1.0 ELSE 0.0 END)
+            FROM rollouts WHERE json_type(meta, '$.correct') IN ('true', 'false')
+            GROUP BY step ORDER BY step
+        """
+        with self._lock:
+            return {s: v for s, v in self._db.execute(sql)}
+
     def component_names(self) -> list[str]:
         with self._lock:
             return sorted(self._component_columns())

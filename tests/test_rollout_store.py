@@ -248,3 +248,10 @@ def test_the_store_imports_without_verl_or_torch():
     code = "import sys, rollout.store; print('verl' in sys.modules, 'torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     assert out == ["False", "False"]
+
+
+def test_correct_share_by_step_counts_only_rows_with_a_verdict(store):
+    store.append([row(0, "a", 0, meta={"correct": True}), row(0, "a", 1, meta={"correct": False}), row(0, "a", 2, meta={})])
+    store.append([row(1, "b", 0, meta={"correct": False}), row(1, "b", 1, meta={"correct": None})])
+    store.append([row(2, "c", 0)])
+    assert store.correct_share_by_step() == {0: 0.5, 1: 0.0}

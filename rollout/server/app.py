@@ -20,10 +20,11 @@ from pathlib import Path
 from typing import Annotated
 
 from fastapi import FastAPI, Query, Request
+from fastapi import Path as PathParam
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
-from pydantic import ValidationError
+from pydantic import Field, ValidationError
 
 from rollout.server import curves
 from rollout.server.live import Busy, LiveSampler, TooLarge
@@ -52,10 +53,14 @@ from rollout.server.svgplot import line_chart
 from rollout.store import COLUMNS, RolloutQuery, RolloutStatus, StoreError
 from vlrl.errors import VlrlError
 
+# SQLite integers are 64-bit: bound every integer the client sends, so none overflows a query.
+Int = Annotated[int, Query(ge=0, le=2**62)]
 STATIC = Path(__file__).parent / "static"
 IMAGE_TYPES = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".gif": "image/gif", ".webp": "image/webp"}
-ERRORS = {c: {"model": ErrorOut} for c in (400, 401, 403, 404, 413)}
-STAGE_ERRORS = {c: {"model": ErrorOut} for c in (400, 401, 403, 404)}
+# Documented on every operation: the guard's 401/403/413 and our one-line 422 (in place of
+# FastAPI's list-shaped validation error), so the schema says what clients really get.
+ERRORS = {c: {"model": ErrorOut} for c in (400, 401, 403, 404, 413, 422)}
+STAGE_ERRORS = {c: {"model": ErrorOut} for c in (400, 401, 403, 404, 409, 413, 422)}
 
 
 def _range(lo: float | None, hi: float | None) -> tuple[float | None, float | None] | None:
@@ -125,6 +130,10 @@ def create_app(run_dir: str | Path, *, token: str | None = None, limits: Limits 
     async def _422(_r: Request, e: Exception):
         return err(422, e)
 
+    @api.exception_handler(OverflowError)
+    async def _400_overflow(_r: Request, e: Exception):
+        return err(400, VlrlError(f"a number in the request is out of range ({e})"))
+
     @api.exception_handler(sqlite3.OperationalError)
     async def _409(_r: Request, e: Exception):
         return err(409, VlrlError(f"the rollout store is busy or unreadable right now ({e}); retry"))
@@ -149,24 +158,24 @@ def create_app(run_dir: str | Path, *, token: str | None = None, limits: Limits 
         """Per-step totals: rollouts, groups, reward and length means, truncations, component means."""
         return run.store(stage).step_summaries()
 
-    @api.get("/api/stages/{stage}/rollouts", response_model=RolloutPage, responses=STAGE_ERRORS | {422: {"model": ErrorOut}})
+    @api.get("/api/stages/{stage}/rollouts", response_model=RolloutPage, responses=STAGE_ERRORS)
     def rollouts(
         stage: str,
-        step: int | None = None,
-        step_min: int | None = None,
-        step_max: int | None = None,
+        step: Int | None = None,
+        step_min: Int | None = None,
+        step_max: Int | None = None,
         task: Annotated[list[str] | None, Query(max_length=100)] = None,
-        difficulty: Annotated[list[int] | None, Query(max_length=5)] = None,
+        difficulty: Annotated[list[Annotated[int, Field(ge=1, le=5)]] | None, Query(max_length=5)] = None,
         status: RolloutStatus | None = None,
-        policy_version: int | None = None,
+        policy_version: Int | None = None,
         group_id: str | None = None,
         record_id: str | None = None,
         reward_min: float | None = None,
         reward_max: float | None = None,
         advantage_min: float | None = None,
         advantage_max: float | None = None,
-        length_min: int | None = None,
-        length_max: int | None = None,
+        length_min: Int | None = None,
+        length_max: Int | None = None,
         comp: Annotated[list[str] | None, Query(max_length=20, description="component filter name:min:max, repeatable")] = None,
         sort: str = Query("id", max_length=200, description="a column or a reward component (see /store sort_keys)"),
         desc: bool = False,
@@ -201,20 +210,20 @@ def create_app(run_dir: str | Path, *, token: str | None = None, limits: Limits 
         return RolloutPage(total=total, offset=offset, limit=limit, rows=rows)
 
     @api.get("/api/stages/{stage}/rollouts/{rollout_id}", response_model=RolloutRow, responses=STAGE_ERRORS)
-    def rollout(stage: str, rollout_id: int) -> RolloutRow:
+    def rollout(stage: str, rollout_id: Annotated[int, PathParam(ge=0, le=2**62)]) -> RolloutRow:
         """One rollout with its prompt and response."""
-        row = run.store(stage).get(rollout_id) if 0 <= rollout_id < 2**63 else None
+        row = run.store(stage).get(rollout_id)
         if row is None:
             raise NoSuchStage(f"stage {stage!r} has no rollout {rollout_id}")
         return row
 
     @api.get("/api/stages/{stage}/groups", response_model=list[GroupSummary], responses=STAGE_ERRORS)
-    def groups(stage: str, step: int) -> list[GroupSummary]:
+    def groups(stage: str, step: Int) -> list[GroupSummary]:
         """One summary per group of a step (reward spread, advantage range, all-equal groups)."""
         return run.store(stage).groups(step)
 
     @api.get("/api/stages/{stage}/groups/{group_id}", response_model=GroupView, responses=STAGE_ERRORS)
-    def group(stage: str, group_id: str, step: int | None = None) -> GroupView:
+    def group(stage: str, group_id: str, step: Int | None = None) -> GroupView:
         """All responses to one prompt, side by side (the first step that has the group when no step is given)."""
         rows = run.store(stage).group(group_id, step)
         if not rows:
@@ -262,13 +271,26 @@ def create_app(run_dir: str | Path, *, token: str | None = None, limits: Limits 
         series = [(k, *have[k]) for k in key if k in have]
         return Response(line_chart(series, title=title), media_type="image/svg+xml", headers={"cache-control": "no-store"})
 
+    curve_cache: dict[str, tuple[tuple, dict[str, curves.Curve]]] = {}
+
     def _all_curves(stage: str) -> dict[str, curves.Curve]:
+        """Recomputed only when the store or metrics.jsonl changed: the page asks for
+        several plots per poll, and per-step summaries scan the whole store."""
+        sdir = run.stage_dir(stage)
+        has_store = sdir.joinpath("rollouts.sqlite").is_file()
+        mpath = sdir / "metrics.jsonl"
+        mstat = mpath.stat() if mpath.is_file() else None
+        key = (run.store(stage).count() if has_store else -1, mstat and (mstat.st_mtime_ns, mstat.st_size))
+        hit = curve_cache.get(stage)
+        if hit is not None and hit[0] == key:
+            return hit[1]
         out: dict[str, curves.Curve] = {}
-        if run.stage_dir(stage).joinpath("rollouts.sqlite").is_file():
+        if has_store:
             out.update(curves.store_curves(run.store(stage)))
         rows = run.metrics(stage)
         for k in curves.numeric_keys(rows):
             out[k] = curves.metric_curve(rows, k)
+        curve_cache[stage] = (key, out)
         return out
 
     @api.get("/api/stages/{stage}/eval", responses=STAGE_ERRORS)
@@ -294,12 +316,12 @@ def create_app(run_dir: str | Path, *, token: str | None = None, limits: Limits 
 
     # ------------------------------------------------------------------ live
 
-    @api.get("/api/checkpoints", response_model=list[CheckpointOut], responses={401: {"model": ErrorOut}, 403: {"model": ErrorOut}})
+    @api.get("/api/checkpoints", response_model=list[CheckpointOut], responses=ERRORS)
     def checkpoints() -> list[CheckpointOut]:
         """Stages whose checkpoint the live side can load."""
         return [CheckpointOut(stage=s.name, path=f"{s.name}/checkpoint") for s in run.stages() if s.checkpoint]
 
-    @api.post("/api/live/generate", response_model=LiveResponse, responses=ERRORS | {422: {"model": ErrorOut}, 429: {"model": ErrorOut}})
+    @api.post("/api/live/generate", response_model=LiveResponse, responses=ERRORS | {429: {"model": ErrorOut}})
     def live_generate(req: LiveRequest) -> LiveResponse:
         """Sample `n` responses from a checkpoint for a prompt (and image) and score each with the run's reward stack."""
         return live.generate(req)

@@ -28,7 +28,8 @@ def metric_curve(rows: list[dict], key: str) -> Curve:
 
 
 def store_curves(store: RolloutStore) -> dict[str, Curve]:
-    """reward mean/min/max, response length, truncated share and each component's mean per step."""
+    """reward mean/min/max, response length, truncated share, accuracy (share of rows whose
+    meta says correct, where the writer stored a verdict) and each component's mean per step."""
     summaries = store.step_summaries()
     steps = [float(s.step) for s in summaries]
     out: dict[str, Curve] = {
@@ -38,6 +39,9 @@ def store_curves(store: RolloutStore) -> dict[str, Curve]:
         "rollouts/length_mean": (steps, [s.length_mean for s in summaries]),
         "rollouts/truncated_share": (steps, [s.truncated / s.n if s.n else None for s in summaries]),
     }
+    correct = store.correct_share_by_step()
+    if correct:
+        out["rollouts/accuracy"] = (steps, [correct.get(s.step) for s in summaries])
     for name in sorted({n for s in summaries for n in s.components}):
         out[f"rollouts/component/{name}"] = (steps, [s.components.get(name) for s in summaries])
     return out

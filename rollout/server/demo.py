@@ -77,6 +77,7 @@ def demo_rows(step: int, groups: int, group_size: int, rng: random.Random, stage
                     components=comps,
                     total_reward=total,
                     advantage=(total - mean) / (std + 1e-6),
+                    meta={"correct": comps["answer_match"] == 1.0},
                 )
             )
     return rows

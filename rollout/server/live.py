@@ -173,6 +173,6 @@ class LiveSampler:
             if self._stack is not None:
                 self._stack.close()
             self._stack = RewardStack.from_config(cfg)  # RecipeError (a VlrlError) when the recipe's section is invalid
-            self._stack_source = "recipe" if cfg is not None else "default"
+            self._stack_source = "recipe" if cfg else "default"
             self._stack_stage = stage
         return self._stack

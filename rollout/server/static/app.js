@@ -70,11 +70,13 @@ async function selectStage() {
 async function refresh(force = false) {
   if (!state.stage) return;
   const stage = state.run.stages.find((s) => s.name === state.stage);
+  let changedStore = false;
   if (stage && stage.rollouts) {
     const info = await api(stagePath("store"));
     const changed = force || info.count !== state.lastCount;
     state.info = info;
     state.lastCount = info.count;
+    changedStore = changed;
     if (changed) {
       fillFilterChoices();
       await Promise.all([loadSteps(), loadRows()]);
@@ -84,7 +86,9 @@ async function refresh(force = false) {
     $("#rows tbody").replaceChildren();
     $("#page-info").textContent = "this stage has no rollout store";
   }
-  await loadPlots();
+  const metricsSize = (await api(stagePath("metrics"))).rows.length;
+  if (force || metricsSize !== state.lastMetrics || changedStore) await loadPlots();
+  state.lastMetrics = metricsSize;
   $("#updated").textContent = "updated " + new Date().toLocaleTimeString();
 }
 
@@ -267,6 +271,7 @@ function plotSets() {
   const sets = [];
   if (state.info) {
     sets.push({ title: "reward per step (rollouts)", keys: ["rollouts/reward_mean", "rollouts/reward_min", "rollouts/reward_max"] });
+    sets.push({ title: "accuracy per step (share correct)", keys: ["rollouts/accuracy"] });
     sets.push({ title: "component means (accuracy, format, ...)", keys: comps.map((c) => "rollouts/component/" + c) });
     sets.push({ title: "response length (tokens)", keys: ["rollouts/length_mean"] });
   }

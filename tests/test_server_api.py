@@ -205,3 +205,14 @@ def test_store_appearing_later_and_growing_is_seen(tmp_path):
             w.append(demo_rows(5, 2, 2, random.Random(0)))
         assert c.get("/api/stages/rl/store").json()["count"] == 6
         assert [s["step"] for s in c.get("/api/stages/rl/steps").json()] == [0, 5]
+
+
+def test_serve_command_refuses_other_addresses_without_a_token(run):
+    from typer.testing import CliRunner
+
+    from vlrl.cli import app
+
+    result = CliRunner().invoke(app, ["serve", "--run", str(run), "--host", "0.0.0.0"])
+    assert result.exit_code != 0 and "needs --token" in str(result.exception)
+    result = CliRunner().invoke(app, ["serve", "--run", str(run), "--host", "0.0.0.0", "--token", "short"])
+    assert result.exit_code != 0 and "16 or more" in str(result.exception)

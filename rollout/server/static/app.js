@@ -55,6 +55,10 @@ async function loadRun() {
   const ckptCurrent = ckpt.value;
   ckpt.replaceChildren(...state.run.stages.filter((s) => s.checkpoint).map((s) => el("option", { value: s.name }, s.name)));
   if (ckptCurrent) ckpt.value = ckptCurrent;
+  const none = ckpt.options.length === 0;
+  $("#live-go").disabled = none;
+  if (none) $("#live-status").textContent = "no stage of this run has a checkpoint yet";
+  else if ($("#live-status").textContent.startsWith("no stage")) $("#live-status").textContent = "";
   $("#live-n").max = state.run.limits.max_samples;
   $("#live-max").max = state.run.limits.max_new_tokens;
 }

@@ -1,0 +1,89 @@
+"""SFT throughput with and without online packing, side by side.
+
+Both modes run the SFT stage's own data path (sft/feed.py: images decoded, records
+collated or packed per step) and optimizer step (sft.trainer.optimizer_step through
+PackedForward) on the same checkpoint and the same record stream. Throughput is
+real (non-pad) tokens per second of wall time, data preparation included. Rounds
+alternate (plain, packed, plain, packed, ...) and the median is reported, since
+this machine is shared and noisy. Target: packed / plain >= 1.5.
+
+Usage: python bench/bench_sft_packing.py [--data /tmp/full1/data] [--model /tmp/full1/pretrain/checkpoint]
+                                         [--steps 8] [--rounds 3] [--batch-size 16] [--rows 4] [--pack-length 512]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from sft.curriculum import RecordStream, build_plan
+from sft.feed import Feed
+from sft.trainer import make_optimizer, optimizer_step
+from vlrl.data.images import RecordDataset
+from vlrl.data.io import split_path
+from vlrl.model.loading import component_of, load_model, load_processor
+from vlrl.model.packing import PackedForward
+from vlrl.recipe_sft import PackingSpec, SftStage
+
+
+def run(feed: Feed, forward, optimizer, steps: int) -> tuple[float, float]:
+    """(real tokens per second, packing efficiency) over `steps` optimizer steps."""
+    tokens, t0 = 0, time.perf_counter()
+    for _ in range(steps):
+        mb = feed.micro_batch()
+        tokens += int(mb["attention_mask"].sum())
+        optimizer_step(forward, optimizer, [mb], lr=1e-4, grad_clip=1.0)
+    return tokens / (time.perf_counter() - t0), feed.stats.window()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--data", default="/tmp/full1/data")
+    ap.add_argument("--model", default="/tmp/full1/pretrain/checkpoint")
+    ap.add_argument("--steps", type=int, default=8, help="optimizer steps per mode per round")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--batch-size", type=int, default=16, help="records per unpacked batch")
+    ap.add_argument("--rows", type=int, default=4, help="packed rows per batch")
+    ap.add_argument("--pack-length", type=int, default=512)
+    ap.add_argument("--max-length", type=int, default=160, help="per-record token limit")
+    ap.add_argument("--threads", type=int, default=None)
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    torch.manual_seed(0)
+    model = load_model(args.model, device="cpu")
+    processor = load_processor(args.model)
+    dataset = RecordDataset(split_path(args.data, "train"))
+    cfg = SftStage.model_validate({"from": args.model, "data": args.data, "phases": [{"name": "all", "steps": 1}], "replay": {"general": 0.1, "perception": 0.3}})
+    plan = build_plan(dataset.records, cfg, "bench")[0]
+    forward = PackedForward(model)
+    optimizer = make_optimizer(model.named_parameters(), cfg.optim, component_of)
+    plain = Feed(dataset, processor, RecordStream(plan, seed=0, phase=0), batch_size=args.batch_size, max_length=args.max_length,
+                 packing=PackingSpec(enabled=False))
+    packed = Feed(dataset, processor, RecordStream(plan, seed=0, phase=0), batch_size=args.rows, max_length=args.max_length,
+                  packing=PackingSpec(enabled=True, max_length=args.pack_length), rope_index=model.model.get_rope_index)
+    model.train()
+    run(plain, forward, optimizer, 2)  # warm-up both paths
+    run(packed, forward, optimizer, 2)
+    res: dict[str, list[float]] = {"plain": [], "packed": []}
+    eff: dict[str, list[float]] = {"plain": [], "packed": []}
+    for r in range(args.rounds):
+        for name, feed in (("plain", plain), ("packed", packed)):
+            tps, e = run(feed, forward, optimizer, args.steps)
+            res[name].append(tps)
+            eff[name].append(e)
+        print(f"round {r + 1}: plain {res['plain'][-1]:,.0f} tok/s, packed {res['packed'][-1]:,.0f} tok/s")
+    p, q = statistics.median(res["plain"]), statistics.median(res["packed"])
+    print(f"threads {torch.get_num_threads()}; plain: {args.batch_size} records/batch padded to the longest; "
+          f"packed: {args.rows} rows x {args.pack_length} tokens")
+    print(f"plain : {p:,.0f} real tok/s (non-pad share {statistics.mean(eff['plain']):.2f})")
+    print(f"packed: {q:,.0f} real tok/s (non-pad share {statistics.mean(eff['packed']):.2f})")
+    print(f"ratio packed/plain: {q / p:.2f}x (target >= 1.5x)")
+
+
+if __name__ == "__main__":
+    main()

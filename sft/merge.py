@@ -217,4 +217,5 @@ def run_stage(ctx) -> dict:
     (ctx.dir / "compare.md").write_text(table)
     ctx.console.print(table)
     summary["compare"] = [{k: r[k] for k in ("name", "accuracy", "by_family")} for r in rows]
+    summary["eval"] = merged
     return summary

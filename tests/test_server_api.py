@@ -182,6 +182,8 @@ def test_body_size_sample_count_and_image_limits(run):
             ({"max_new_tokens": 33}, 413, "at most 32"),
             ({"prompt": "x" * 101}, 413, "at most 100"),
             ({"n": 0}, 422, "body.n"),
+            ({"temperature": 1e-300}, 422, "use 0 for greedy"),
+            ({"top_p": 1e-300}, 422, "body.top_p"),
             ({"image_b64": "not base64!"}, 400, "not valid base64"),
             ({"image_b64": base64.b64encode(b"plain text").decode()}, 400, "not a readable image"),
             ({"image_b64": _png_b64(65)}, 413, "pixels is over the limit"),
@@ -216,3 +218,12 @@ def test_serve_command_refuses_other_addresses_without_a_token(run):
     assert result.exit_code != 0 and "needs --token" in str(result.exception)
     result = CliRunner().invoke(app, ["serve", "--run", str(run), "--host", "0.0.0.0", "--token", "short"])
     assert result.exit_code != 0 and "16 or more" in str(result.exception)
+
+
+def test_a_store_replaced_by_a_rerun_is_reopened(tmp_path):
+    run = write_demo_run(tmp_path / "run", steps=2, groups=1, group_size=2)
+    with TestClient(create_app(run), base_url="http://127.0.0.1") as c:
+        assert c.get("/api/stages/rl/store").json()["count"] == 4
+        (run / "rl").rename(run / "rl.old")  # what `vlrl run --force rl` does with old output
+        write_demo_run(run, steps=1, groups=1, group_size=3)
+        assert c.get("/api/stages/rl/store").json()["count"] == 3

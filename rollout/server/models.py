@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from rollout.store import GroupSummary, RolloutRow, StepSummary
 from vlrl.data.records import Message
@@ -119,9 +119,18 @@ class LiveRequest(BaseModel):
     difficulty: int = Field(1, ge=1, le=5)
     n: int = Field(4, ge=1, le=1024, description="samples (capped by the server's max_samples)")
     max_new_tokens: int = Field(64, ge=1, le=100_000, description="capped by the server's max_new_tokens")
-    temperature: float = Field(1.0, ge=0.0, le=10.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    temperature: float = Field(1.0, ge=0.0, le=10.0, description="0 = greedy; otherwise at least 0.01")
+    top_p: float = Field(1.0, ge=1e-6, le=1.0)
     seed: int | None = Field(None, ge=0, le=2**63 - 1)
+
+
+    @field_validator("temperature")
+    @classmethod
+    def _greedy_or_sane(cls, v: float) -> float:
+        # The engine divides float32 logits by it: a tiny positive temperature overflows them.
+        if 0.0 < v < 0.01:
+            raise ValueError(f"temperature {v}: use 0 for greedy decoding, or at least 0.01")
+        return v
 
 
 class LiveSample(BaseModel):

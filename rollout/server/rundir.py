@@ -62,7 +62,7 @@ class RunDir:
         self.root = Path(root).resolve()
         if not self.root.is_dir():
             raise VlrlError(f"{root}: not a run directory (no such folder)")
-        self._stores: dict[str, RolloutStore] = {}
+        self._stores: dict[str, tuple[tuple[int, int] | None, RolloutStore]] = {}  # stage -> (file identity, handle)
         self._lock = threading.Lock()
 
     @property
@@ -120,14 +120,22 @@ class RunDir:
         """The stage's rollout store, read-only; NoSuchStage while the stage has none."""
         path = self.stage_dir(stage) / FILE_NAME
         with self._lock:
+            try:
+                ident = (path.stat().st_dev, path.stat().st_ino)
+            except OSError:
+                ident = None
+            cached = self._stores.get(stage)
+            if cached is not None and cached[0] != ident:  # a rerun (--force) moved the old store aside
+                cached[1].close()
+                del self._stores[stage]
             if stage not in self._stores:
-                if not path.is_file():
+                if ident is None:
                     raise NoSuchStage(f"stage {stage!r} has no rollout store ({FILE_NAME}) yet")
                 try:
-                    self._stores[stage] = RolloutStore(path, readonly=True)
+                    self._stores[stage] = (ident, RolloutStore(path, readonly=True))
                 except StoreError as e:
                     raise VlrlError(str(e)) from e
-            return self._stores[stage]
+            return self._stores[stage][1]
 
     def reward_config(self, stage: str | None = None) -> dict | None:
         """The `rewards` section that the RL stage (the given one, else the first that has
@@ -153,7 +161,7 @@ class RunDir:
 
     def close(self) -> None:
         with self._lock:
-            for s in self._stores.values():
+            for _, s in self._stores.values():
                 s.close()
             self._stores.clear()
 

@@ -1,6 +1,7 @@
 # Two commands do all set-up on a fresh machine:
 #   make demo   creates .venv, installs vlrl, runs the tiny end-to-end recipe
-#   make test   creates .venv, installs vlrl with dev extras, runs the fast test suite
+#   make test   creates .venv, installs vlrl with dev extras (and Debian chromium for
+#               the inspector's browser test), runs the fast test suite
 VENV    ?= .venv
 PYTHON  ?= python3
 PY      := $(VENV)/bin/python
@@ -10,7 +11,9 @@ STAMP   := $(VENV)/.vlrl-installed
 # torchvision loads beside (torch 2.13.0+cpu cannot load torchvision).
 TORCH   ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: install demo test test-slow bench clean-runs
+CHROMIUM ?= /usr/bin/chromium
+
+.PHONY: install browser demo test test-slow bench clean-runs
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -21,13 +24,18 @@ $(STAMP): pyproject.toml Makefile
 
 install: $(STAMP)
 
+# The web inspector's tests drive Debian's Chromium with Playwright (no browser download).
+browser:
+	@test -x $(CHROMIUM) || { SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -q && $$SUDO apt-get install -y -q chromium; }
+
 demo: $(STAMP)
 	$(VENV)/bin/vlrl run recipes/tiny.yaml
 
-test: $(STAMP)
+test: $(STAMP) browser
 	$(PY) -m pytest -q
 
-test-slow: $(STAMP)
+test-slow: $(STAMP) browser
 	$(PY) -m pytest -q -m slow
 
 bench: $(STAMP)

@@ -81,14 +81,36 @@ class Remote:
 
 
 def actor_options(device: DeviceSpec, placement: str, role: str) -> dict[str, Any]:
-    """Ray resources of one actor. In colocate the actors share the device in turns, so
-    they reserve a fraction of it (on CPU: none); in split each reserves a whole one."""
-    share = placement == "colocate"
-    if device.kind == "cpu":
-        return {"num_cpus": 0 if share else 1}
+    """Ray resources of one actor. On CPU none are reserved: every process sets its own
+    torch threads (`threads`), and reserving CPUs would only make 4 actors unschedulable
+    on a 2-core machine. On accelerators, colocated actors share the device in turns
+    (a fraction each); in split, rollout workers, trainer and reference get a whole
+    device each and the reward worker none (its model rewards run where it runs)."""
+    if device.kind == "cpu" or role == "reward":
+        return {"num_cpus": 0}
+    amount = 0.25 if placement == "colocate" else 1
     if device.ray_resource in (None, "GPU"):
-        return {"num_cpus": 0, "num_gpus": 0.25 if share else 1}
-    return {"num_cpus": 0, "resources": {device.ray_resource: 0.25 if share else 1}}
+        return {"num_cpus": 0, "num_gpus": amount}
+    return {"num_cpus": 0, "resources": {device.ray_resource: amount}}
+
+
+def check_resources(device: DeviceSpec, placement: str, roles: dict[str, int]) -> None:
+    """Fail now, with the numbers, rather than wait forever for actors Ray cannot place."""
+    if placement == "inline":
+        return
+    import ray
+
+    need: dict[str, float] = {}
+    for role, count in roles.items():
+        opts = actor_options(device, placement, role)
+        for key, amount in [("GPU", opts.get("num_gpus", 0))] + list(opts.get("resources", {}).items()):
+            if amount:
+                need[key] = need.get(key, 0.0) + amount * count
+    have = ray.cluster_resources()
+    short = {k: (v, have.get(k, 0.0)) for k, v in need.items() if v > have.get(k, 0.0) + 1e-9}
+    if short:
+        what = ", ".join(f"{k}: needs {v:g}, cluster has {h:g}" for k, (v, h) in short.items())
+        raise VlrlError(f"placement {placement!r} cannot be scheduled ({what}); use placement colocate or fewer rollout.workers")
 
 
 def spawn(cls: type, placement: str, device: DeviceSpec, role: str, /, *args: Any, max_restarts: int = 0, **kwargs: Any) -> Any:

@@ -38,7 +38,7 @@ from rlhf import algos as A
 from rlhf.batch import build_policy_batch
 from rlhf.checkpoint import read_checkpoint, rng_state, set_rng_state
 from rlhf.curriculum import PromptCurriculum
-from rlhf.placement import make_rollout_pool, spawn, start_ray, stop_ray
+from rlhf.placement import check_resources, make_rollout_pool, spawn, start_ray, stop_ray
 from rlhf.workers import PolicyTrainer, ReferenceWorker, RewardWorker
 from rollout.engine import Completion, GenerationRequest, SamplingParams
 from rollout.store import RolloutRow, RolloutStatus, RolloutStore
@@ -110,6 +110,10 @@ class Controller:
         self.started_ray = start_ray(cfg.ray) if cfg.placement != "inline" else False
         device = ctx.device
         threads = ctx.recipe.threads or os.cpu_count()
+        roles = {"rollout": cfg.rollout.workers}
+        if cfg.placement == "split":
+            roles.update(trainer=1, reward=1, reference=int(cfg.use_reference))
+        check_resources(device, cfg.placement, roles)
         # Rollout actors start first (Ray brings them up in the background while the
         # trainer loads here). They load the stage's input and get the resumed weights below.
         self.pool = make_rollout_pool(

@@ -22,6 +22,7 @@ import torch
 
 from rlhf.losses import token_entropy
 from rollout.engine import Completion, GenerationRequest
+from vlrl.errors import VlrlError
 from vlrl.model.batching import collate_for_generation, pad_id
 
 
@@ -119,6 +120,13 @@ def build_policy_batch(
     prompts = collate_for_generation(list(requests), processor)  # left-padded (P, T_p)
     pad = pad_id(processor)
     resp_ids, resp_mask, rollout_lp = response_tensors(completions, pad)
+    placeholders = [i for i in (getattr(processor, "image_token_id", None), getattr(processor, "video_token_id", None)) if i is not None]
+    bad = [c for c in completions if any(t in placeholders for t in c.token_ids)]
+    if bad:  # the model's forward would read them as image slots and fail on the count
+        raise VlrlError(
+            f"response {bad[0].request_id}/{bad[0].sample_index} holds an image/video placeholder token, which the policy cannot be "
+            "trained on; the rollout engine must never sample input-only tokens (HFEngine suppresses them)"
+        )
     rows = torch.as_tensor(list(prompt_of), dtype=torch.long)
     p_ids, p_mask, p_mm = prompts["input_ids"][rows], prompts["attention_mask"][rows], prompts["mm_token_type_ids"][rows]
     batch = PolicyBatch(
@@ -147,14 +155,23 @@ def build_policy_batch(
 
 
 def response_logprobs(
-    model: torch.nn.Module, batch: PolicyBatch, temperature: float, *, entropy: bool = False, entropy_grad: bool = False
+    model: torch.nn.Module,
+    batch: PolicyBatch,
+    temperature: float,
+    *,
+    entropy: bool = False,
+    entropy_grad: bool = False,
+    suppress: Sequence[int] = (),
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """-> (log pi(response token) (B, R), token entropy (B, R) or None), logits scaled by
-    the rollout temperature as the sampler's were. Zero off the response mask."""
+    the rollout temperature and `suppress`ed ids masked, as the sampler's were. Zero off
+    the response mask."""
     device = next(model.parameters()).device
     r = batch.response_width
     out = model(**batch.model_inputs(device), logits_to_keep=r + 1, use_cache=False)
     logits = out.logits[:, :-1, :].float() / temperature  # (B, R, V): position P-1+t predicts token t
+    if suppress:  # a finite floor, not -inf: entropy's p * logit would be 0 * -inf = nan
+        logits = logits.index_fill(-1, torch.as_tensor(list(suppress), device=device), -1e9)
     ids = batch.response_ids.to(device)
     mask = batch.response_mask.to(device)
     logp = (logits.gather(-1, ids[..., None]).squeeze(-1) - logits.logsumexp(-1)) * mask  # (B, R)

@@ -251,9 +251,13 @@ def make_rollout_pool(
     threads: int | None,
     current_weights: Callable[[], tuple[Any, int]],
     retries: int,
+    suppress: tuple[int, ...] = (),
 ) -> RolloutPool:
-    """Rollout workers built from the starting checkpoint at version 0."""
-    opts = dict(max_batch_rows=cfg_rollout.max_batch_rows) if cfg_rollout.engine == "hf" else {}
+    """Rollout workers built from the starting checkpoint at version 0. `suppress`: token
+    ids the engines never sample (engine option `suppress_token_ids`)."""
+    opts: dict[str, Any] = dict(suppress_token_ids=list(suppress))
+    if cfg_rollout.engine == "hf":
+        opts["max_batch_rows"] = cfg_rollout.max_batch_rows
     opts.update(cfg_rollout.engine_options)
     workers = [
         spawn(RolloutWorker, placement, device, "rollout", cfg_rollout.engine, str(model_path), device=device.kind, version=0,

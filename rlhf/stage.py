@@ -107,6 +107,11 @@ class Controller:
             set_rng_state(st["rng"])
             ctx.console.print(f"[yellow]resuming[/] rl at step {self.start} (prompt cursor {self.cursor})")
         self.placement = cfg.placement
+        from rollout.hf_engine import input_only_ids
+        from vlrl.model.loading import load_processor
+
+        self.processor = load_processor(start_path)
+        suppress = input_only_ids(self.processor) if cfg.rollout.suppress_input_tokens else ()
         self.started_ray = start_ray(cfg.ray) if cfg.placement != "inline" else False
         device = ctx.device
         threads = ctx.recipe.threads or os.cpu_count()
@@ -118,12 +123,13 @@ class Controller:
         # trainer loads here). They load the stage's input and get the resumed weights below.
         self.pool = make_rollout_pool(
             cfg.rollout, cfg.placement, device, str(ctx.inputs["from"]), threads=threads,
-            current_weights=self._full_weights, retries=cfg.rollout_retries,
+            current_weights=self._full_weights, retries=cfg.rollout_retries, suppress=suppress,
         )
         trainer_where = "inline" if cfg.placement != "split" else "split"
         self.trainer = spawn(
             PolicyTrainer, trainer_where, device, "trainer", str(start_path), device=device.kind, algo=cfg.algo, optim=cfg.optim,
             trainable=cfg.trainable, temperature=cfg.rollout.temperature, micro_batch_size=cfg.micro_batch_size, threads=threads,
+            suppress=suppress,
         )
         if found is not None:
             self.trainer.load_optimizer(found[0] / "optimizer.pt")
@@ -131,12 +137,9 @@ class Controller:
         if cfg.use_reference:
             self.reference = spawn(
                 ReferenceWorker, trainer_where, device, "reference", str(ctx.inputs["from"]), device=device.kind,
-                temperature=cfg.rollout.temperature, micro_batch_size=cfg.micro_batch_size, threads=threads,
+                temperature=cfg.rollout.temperature, micro_batch_size=cfg.micro_batch_size, threads=threads, suppress=suppress,
             )
         self.rewards = spawn(RewardWorker, trainer_where, device, "reward", reward_cfg)
-        from vlrl.model.loading import load_processor
-
-        self.processor = load_processor(start_path)
         self.store = RolloutStore.in_dir(ctx.dir)
         dropped = self.store.discard_after(self.start - 1)
         if dropped:

@@ -43,9 +43,12 @@ def _chunks(rows: torch.Tensor, size: int | None) -> list[torch.Tensor]:
 
 
 @torch.no_grad()
-def batch_logprobs(model: torch.nn.Module, batch: PolicyBatch, temperature: float, micro_batch_size: int | None) -> torch.Tensor:
+def batch_logprobs(model: torch.nn.Module, batch: PolicyBatch, temperature: float, micro_batch_size: int | None, suppress=()) -> torch.Tensor:
     """log pi(response tokens) (B, R) without gradient, in micro-batches."""
-    parts = [response_logprobs(model, batch.select(rows), temperature)[0].cpu() for rows in _chunks(torch.arange(batch.rows), micro_batch_size)]
+    parts = [
+        response_logprobs(model, batch.select(rows), temperature, suppress=suppress)[0].cpu()
+        for rows in _chunks(torch.arange(batch.rows), micro_batch_size)
+    ]
     return torch.cat(parts)
 
 
@@ -63,7 +66,9 @@ class PolicyTrainer:
         temperature: float = 1.0,
         micro_batch_size: int | None = None,
         threads: int | None = None,
+        suppress: tuple[int, ...] = (),
     ) -> None:
+        """`suppress`: token ids the sampler never draws (masked here too, see rlhf.batch)."""
         from vlrl.model.loading import component_of, load_model, load_processor, set_trainable
 
         if threads is not None:
@@ -74,6 +79,7 @@ class PolicyTrainer:
         self.model.train()
         self.optimizer = make_optimizer(self.model.named_parameters(), optim, component_of)
         self.algo, self.optim, self.temperature, self.micro_batch_size = algo, optim, temperature, micro_batch_size
+        self.suppress = tuple(suppress)
 
     # -- the update ---------------------------------------------------------
     def update(
@@ -96,7 +102,7 @@ class PolicyTrainer:
         correct = batch.rollout_logprobs is not None and (cfg.mismatch.is_level is not None or cfg.mismatch.rejection is not None)
         old, is_weights, metrics = None, None, {}
         if len(mbs) > 1 or correct:
-            old = batch_logprobs(self.model, batch, self.temperature, self.micro_batch_size)
+            old = batch_logprobs(self.model, batch, self.temperature, self.micro_batch_size, self.suppress)
         if correct:
             is_weights, mask, metrics = A.rollout_correction(old, batch.rollout_logprobs, mask, cfg.mismatch)
         per_mb: list[dict[str, float]] = []
@@ -106,7 +112,9 @@ class PolicyTrainer:
             sums: dict[str, list[float]] = collections.defaultdict(list)
             for rows in _chunks(mb.indices, self.micro_batch_size):
                 sub = batch.select(rows)
-                logp, ent = response_logprobs(self.model, sub, self.temperature, entropy=True, entropy_grad=cfg.entropy.coef > 0)
+                logp, ent = response_logprobs(
+                    self.model, sub, self.temperature, entropy=True, entropy_grad=cfg.entropy.coef > 0, suppress=self.suppress
+                )
                 loss, m = A.actor_loss(
                     logp,
                     logp.detach() if old is None else old[rows].to(logp.device),
@@ -184,16 +192,19 @@ class PolicyTrainer:
 class ReferenceWorker:
     """The frozen starting policy: log-probabilities for the KL term."""
 
-    def __init__(self, model_path: str | Path, *, device: str, temperature: float = 1.0, micro_batch_size: int | None = None, threads: int | None = None):
+    def __init__(
+        self, model_path: str | Path, *, device: str, temperature: float = 1.0, micro_batch_size: int | None = None,
+        threads: int | None = None, suppress: tuple[int, ...] = (),
+    ):
         from vlrl.model.loading import load_model
 
         if threads is not None:
             torch.set_num_threads(threads)
         self.model = load_model(model_path, device=device, trainable=False)
-        self.temperature, self.micro_batch_size = temperature, micro_batch_size
+        self.temperature, self.micro_batch_size, self.suppress = temperature, micro_batch_size, tuple(suppress)
 
     def logprobs(self, batch: PolicyBatch) -> torch.Tensor:
-        return batch_logprobs(self.model, batch, self.temperature, self.micro_batch_size)
+        return batch_logprobs(self.model, batch, self.temperature, self.micro_batch_size, self.suppress)
 
 
 class RewardWorker:

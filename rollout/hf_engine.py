@@ -29,6 +29,13 @@ prompt (so any model family that overrides it gets its own layout) and pass expl
 makes decoding independent of what ran on the model before. Greedy output equals
 `model.generate` token for token on padded batches with and without images (tested).
 
+`suppress_token_ids` gives tokens probability 0 (logits -inf before every sampling
+transform; logprobs are those of the renormalised distribution). The RL stage suppresses
+the input-only vision placeholders (`input_only_ids`): a response holding
+`<|image_pad|>` cannot be fed back to the model (its forward reads every such token as
+an image slot and fails on the count), and an untrained policy does sample them; the
+trainer then masks the same ids so both sides describe one distribution. Default: none.
+
 Departures from `generate`: a `seed` gives a private torch.Generator, so draws depend on
 the requests, params and weights of the call (not on global RNG state), but unlike vLLM's
 per-request seeds a different batch composition changes the draws.
@@ -163,11 +170,13 @@ class HFEngine(RolloutEngine):
         version: int = 0,
         max_batch_rows: int = 256,
         stop_token_ids: Sequence[int] | None = None,
+        suppress_token_ids: Sequence[int] | None = None,
         fast_decode: bool = True,
     ) -> None:
         """`max_batch_rows` caps prompts x n decoded together (memory); requests are
         split into chunks of max(1, max_batch_rows // n) prompts. `stop_token_ids`
-        replaces the model's default end tokens (see `default_stop_ids`). `fast_decode`
+        replaces the model's default end tokens (see `default_stop_ids`); `suppress_token_ids`
+        the tokens never sampled (default none; the RL stage passes `input_only_ids`). `fast_decode`
         uses `rollout.hf_decode` (in-place KV cache, grouped one-token attention) where the
         model allows it; False decodes with transformers' DynamicCache and attention."""
         super().__init__(logprobs_mode=logprobs_mode, version=version)
@@ -178,7 +187,9 @@ class HFEngine(RolloutEngine):
         self.tokenizer = processor.tokenizer
         self.max_batch_rows = max_batch_rows
         self.stop_token_ids = tuple(stop_token_ids) if stop_token_ids is not None else default_stop_ids(model, processor)
+        self.suppress_token_ids = tuple(suppress_token_ids or ())
         self.device = next(model.parameters()).device
+        self._suppress = torch.tensor(self.suppress_token_ids, dtype=torch.long, device=self.device) if self.suppress_token_ids else None
         self.last_stats = GenerateStats()
         text_config = model.config.get_text_config(decoder=True)
         self._num_layers = text_config.num_hidden_layers
@@ -217,6 +228,8 @@ class HFEngine(RolloutEngine):
         window = max((len(s) for s in params.stop), default=0) + 2  # tokens that can hold a stop string
         logits = state.logits
         for step in range(params.max_new_tokens):
+            if self._suppress is not None:
+                logits.index_fill_(-1, self._suppress, float("-inf"))
             tokens, logprobs = sample_tokens(logits, params, generator, self.logprobs_mode, params.logprobs)
             keep = self._record_step(rows, active, tokens.tolist(), logprobs.tolist() if logprobs is not None else None,
                                      stops, params, window, last=step == params.max_new_tokens - 1)
@@ -375,6 +388,18 @@ class HFEngine(RolloutEngine):
     def _close(self) -> None:
         self.model = None  # type: ignore[assignment]
         self.processor = None
+
+
+def input_only_ids(processor) -> tuple[int, ...]:
+    """Token ids of the vision placeholders the processor knows: input-only tokens a policy
+    must never emit (see the module docstring)."""
+    tok = processor.tokenizer
+    ids = []
+    for name in ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>"):
+        i = tok.convert_tokens_to_ids(name)
+        if isinstance(i, int) and i != tok.unk_token_id and i >= 0:
+            ids.append(i)
+    return tuple(ids)
 
 
 def _first_stop(text: str, stops: Sequence[str]) -> str | None:

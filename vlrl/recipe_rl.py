@@ -28,6 +28,9 @@ class RolloutSpec(_Strict):
     max_tokens: int = Field(64, ge=1, description="response length cap; a response that hits it is 'truncated'")
     workers: int = Field(1, ge=1, description="rollout workers; a step's prompts are split between them")
     max_batch_rows: int = Field(256, ge=1, description="prompts x n decoded together per worker (memory cap)")
+    suppress_input_tokens: bool = Field(
+        True, description="never sample the vision placeholder tokens (input-only; a response holding one cannot be trained on)"
+    )
     engine_options: dict[str, Any] = Field(default_factory=dict, description="extra keyword options for the engine's constructor")
 
 

@@ -109,6 +109,23 @@ def test_micro_rl_stage_end_to_end(start, tmp_path):
 
     before, after = _weights(ckpt), _weights(out / "checkpoint")
     assert any(not torch.equal(before[k], after[k]) for k in before)
+    assert undocumented(metrics) == []
+
+
+def undocumented(metrics: list[dict]) -> list[str]:
+    """Logged keys missing from the glossaries (docs/rl-stage.md, docs/rl-algorithms.md)."""
+    docs = Path(__file__).resolve().parents[1] / "docs"
+    text = (docs / "rl-stage.md").read_text() + (docs / "rl-algorithms.md").read_text()
+    missing = set()
+    for m in metrics:
+        for k in m:
+            if k in ("step", "time") or k.startswith("rollout_corr/") or f"`{k}`" in text:
+                continue
+            parts = k.split("/")
+            generic = {"reward": f"reward/<name>/{parts[-1]}", "acc": "acc/<task>"}.get(parts[0])
+            if generic is None or f"`{generic}`" not in text:
+                missing.add(k)
+    return sorted(missing)
 
 
 def test_equal_rewards_skip_the_update_and_keep_the_weights(start, tmp_path):

@@ -28,7 +28,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from rollout.engine import Completion, GenerationRequest, SamplingParams, StaleWeightsError
+from rollout.engine import Completion, GenerationRequest, SamplingParams, StaleWeightsError, engine_class
 from rollout.worker import RolloutWorker
 from vlrl.device import DeviceSpec
 from vlrl.errors import VlrlError
@@ -218,6 +218,21 @@ class RolloutPool:
     def versions(self) -> list[int]:
         return [w.version() for w in self.workers]
 
+    def wait_ready(self) -> None:
+        """Block until every worker has built its engine; a worker whose start failed is
+        reported with its cause (Ray would otherwise keep restarting it)."""
+        if not self.remote:
+            return
+        import ray
+
+        for i, w in enumerate(self.workers):
+            try:
+                ray.get(w.actor.version.remote())
+            except Exception as e:  # noqa: BLE001
+                cause = str(e).strip().splitlines()
+                last = next((ln for ln in reversed(cause) if ln.strip()), type(e).__name__)
+                raise VlrlError(f"rollout worker {i} failed to start: {last.strip()}") from e
+
     def close(self) -> None:
         for w in self.workers:
             try:
@@ -255,6 +270,7 @@ def make_rollout_pool(
 ) -> RolloutPool:
     """Rollout workers built from the starting checkpoint at version 0. `suppress`: token
     ids the engines never sample (engine option `suppress_token_ids`)."""
+    engine_class(cfg_rollout.engine)  # an unknown or planned kind fails here, not in an actor
     opts: dict[str, Any] = dict(suppress_token_ids=list(suppress))
     if cfg_rollout.engine == "hf":
         opts["max_batch_rows"] = cfg_rollout.max_batch_rows

@@ -85,12 +85,14 @@ def validate_rewards(cfg: RlStage, where: str):
 
 class Controller:
     def __init__(self, ctx, cfg: RlStage) -> None:
+        from rollout.hf_engine import input_only_ids
         from vlrl.data.images import RecordDataset
         from vlrl.data.io import split_path
+        from vlrl.model.loading import load_processor
 
-        self.ctx, self.cfg = ctx, cfg
+        self.ctx, self.cfg, self.placement = ctx, cfg, cfg.placement
         where = f"stages.{ctx.name}"
-        reward_cfg = validate_rewards(cfg, where)
+        reward_cfg = validate_rewards(cfg, where)  # before anything is loaded
         self.seed = ctx.seed()
         self.data_file = split_path(ctx.inputs["data"], "train")
         self.dataset = RecordDataset(self.data_file)
@@ -98,7 +100,6 @@ class Controller:
         self.state_dir = ctx.dir / "state"
         found = read_checkpoint(self.state_dir)
         self.start, self.cursor, self.kl_coef = 0, 0, A.initial_kl_coef(cfg.algo.kl, cfg.steps)
-        self.version = 0  # policy version the rollout workers hold
         start_path = ctx.inputs["from"]
         if found is not None:
             path, st = found
@@ -106,47 +107,43 @@ class Controller:
             start_path = path / "policy"
             set_rng_state(st["rng"])
             ctx.console.print(f"[yellow]resuming[/] rl at step {self.start} (prompt cursor {self.cursor})")
-        self.placement = cfg.placement
-        from rollout.hf_engine import input_only_ids
-        from vlrl.model.loading import load_processor
-
+        self.version = self.start  # policy version of the trainer's weights (= completed steps)
         self.processor = load_processor(start_path)
         suppress = input_only_ids(self.processor) if cfg.rollout.suppress_input_tokens else ()
         self.started_ray = start_ray(cfg.ray) if cfg.placement != "inline" else False
-        device = ctx.device
+        try:
+            self._start_workers(start_path, found[0] if found else None, reward_cfg, suppress)
+        except BaseException:
+            self.close()  # stop what was started (actors, Ray) before reporting
+            raise
+
+    def _start_workers(self, start_path, checkpoint, reward_cfg, suppress: tuple[int, ...]) -> None:
+        ctx, cfg, device = self.ctx, self.cfg, self.ctx.device
         threads = ctx.recipe.threads or os.cpu_count()
         roles = {"rollout": cfg.rollout.workers}
         if cfg.placement == "split":
             roles.update(trainer=1, reward=1, reference=int(cfg.use_reference))
         check_resources(device, cfg.placement, roles)
-        # Rollout actors start first (Ray brings them up in the background while the
-        # trainer loads here). They load the stage's input and get the resumed weights below.
+        # Rollout actors first: Ray brings them up in the background while the trainer loads
+        # here. They load the stage's input (version 0) and get resumed weights below.
         self.pool = make_rollout_pool(
             cfg.rollout, cfg.placement, device, str(ctx.inputs["from"]), threads=threads,
             current_weights=self._full_weights, retries=cfg.rollout_retries, suppress=suppress,
         )
-        trainer_where = "inline" if cfg.placement != "split" else "split"
-        self.trainer = spawn(
-            PolicyTrainer, trainer_where, device, "trainer", str(start_path), device=device.kind, algo=cfg.algo, optim=cfg.optim,
-            trainable=cfg.trainable, temperature=cfg.rollout.temperature, micro_batch_size=cfg.micro_batch_size, threads=threads,
-            suppress=suppress,
-        )
-        if found is not None:
-            self.trainer.load_optimizer(found[0] / "optimizer.pt")
-        self.reference = None
-        if cfg.use_reference:
-            self.reference = spawn(
-                ReferenceWorker, trainer_where, device, "reference", str(ctx.inputs["from"]), device=device.kind,
-                temperature=cfg.rollout.temperature, micro_batch_size=cfg.micro_batch_size, threads=threads, suppress=suppress,
-            )
-        self.rewards = spawn(RewardWorker, trainer_where, device, "reward", reward_cfg)
+        where = "split" if cfg.placement == "split" else "inline"  # colocate: in this process
+        common = dict(device=device.kind, temperature=cfg.rollout.temperature, micro_batch_size=cfg.micro_batch_size, threads=threads, suppress=suppress)
+        self.trainer = spawn(PolicyTrainer, where, device, "trainer", str(start_path), algo=cfg.algo, optim=cfg.optim, trainable=cfg.trainable, **common)
+        if checkpoint is not None:
+            self.trainer.load_optimizer(checkpoint / "optimizer.pt")
+        self.reference = spawn(ReferenceWorker, where, device, "reference", str(ctx.inputs["from"]), **common) if cfg.use_reference else None
+        self.rewards = spawn(RewardWorker, where, device, "reward", reward_cfg)
+        self.pool.wait_ready()
         self.store = RolloutStore.in_dir(ctx.dir)
         dropped = self.store.discard_after(self.start - 1)
         if dropped:
             ctx.console.print(f"[dim]rollout store: dropped {dropped} rows of steps >= {self.start} (replayed now)[/]")
         if self.start > 0:
             self.pool.sync(self._weights(full=True), self.start)
-        self.version = self.start
         self.tracker = ctx.tracker()
 
     # -- weights -----------------------------------------------------------------

@@ -305,16 +305,21 @@ ENGINES: dict[str, str] = {"hf": "rollout.hf_engine:HFEngine"}
 _PLANNED: dict[str, str] = {"vllm": "the vLLM rollout engine (accelerator issue 7)"}
 
 
-def make_engine(kind: str, model_path: str, device: str = "auto", **opts: Any) -> RolloutEngine:
-    """Build an engine by kind from a local checkpoint directory; `opts` go to the
-    engine's constructor (e.g. `logprobs_mode`, `dtype`, `max_batch_rows` for hf)."""
+def engine_class(kind: str) -> type[RolloutEngine]:
+    """The engine class of `kind`, imported now; a clear error for unknown or planned kinds
+    (so a caller can fail before starting workers that would build it)."""
     if kind in _PLANNED and kind not in ENGINES:
         raise NotAvailableYet(f"rollout engine {kind!r} is not available yet ({_PLANNED[kind]}); use engine 'hf' for now")
     if kind not in ENGINES:
         raise VlrlError(f"unknown rollout engine {kind!r}: expected one of {', '.join(sorted(set(ENGINES) | set(_PLANNED)))}")
     module, cls_name = ENGINES[kind].split(":")
-    cls = getattr(importlib.import_module(module), cls_name)
-    return cls.from_pretrained(model_path, device=device, **opts)
+    return getattr(importlib.import_module(module), cls_name)
+
+
+def make_engine(kind: str, model_path: str, device: str = "auto", **opts: Any) -> RolloutEngine:
+    """Build an engine by kind from a local checkpoint directory; `opts` go to the
+    engine's constructor (e.g. `logprobs_mode`, `dtype`, `max_batch_rows` for hf)."""
+    return engine_class(kind).from_pretrained(model_path, device=device, **opts)
 
 
 class TextGenerator:

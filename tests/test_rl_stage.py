@@ -216,3 +216,14 @@ def test_curriculum_is_pure_in_the_cursor_and_follows_the_schedule(start):
     assert max(records[i].difficulty for i in many) > 2
     with pytest.raises(ValueError, match="strictly increase"):
         CurriculumSpec.model_validate({"schedule": [{"from_step": 0, "difficulty": [1, 2]}, {"from_step": 0, "difficulty": [1, 3]}]})
+
+
+def test_planned_engine_fails_before_any_worker_starts(start, tmp_path):
+    from vlrl.errors import NotAvailableYet
+
+    data, ckpt = start
+    with pytest.raises(NotAvailableYet, match="vllm"):
+        _run(rl_recipe(tmp_path / "r", data, ckpt, placement="colocate", rollout={"engine": "vllm"}))
+    import ray
+
+    assert not ray.is_initialized()

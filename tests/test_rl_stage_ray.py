@@ -100,3 +100,14 @@ def test_sigkill_of_the_driver_then_rerun_resumes_from_the_last_checkpoint(start
     a, b = _weights(ref / "checkpoint"), _weights(stage / "checkpoint")
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert [m["step"] for m in read_metrics(stage / "metrics.jsonl")] == list(range(1, steps + 1))
+
+
+@pytest.mark.slow
+def test_a_rollout_worker_that_cannot_start_is_reported_and_ray_stopped(start, tmp_path):
+    from vlrl.errors import VlrlError
+
+    data, ckpt = start
+    raw = rl_recipe(tmp_path / "r", data, ckpt, placement="colocate", rollout={"engine_options": {"bogus": 1}})
+    with pytest.raises(VlrlError, match="rollout worker 0 failed to start: .*bogus"):
+        _run(raw)
+    assert not ray.is_initialized()

@@ -61,11 +61,12 @@ class PolicyBatch:
         """Non-padding tokens fed to the model (for throughput)."""
         return int(self.attention_mask.sum())
 
-    def select(self, rows: torch.Tensor | Sequence[int]) -> "PolicyBatch":
-        """The sub-batch of `rows` (a micro-batch), with only those rows' images."""
+    def select(self, rows: torch.Tensor | Sequence[int], *, trim: bool = False) -> "PolicyBatch":
+        """The sub-batch of `rows` (a micro-batch), with only those rows' images; `trim`
+        drops the padding columns no selected row uses (see `trimmed`)."""
         idx = torch.as_tensor(rows, dtype=torch.long)
         row_images = [self.row_images[i] for i in idx.tolist()] if self.row_images else []
-        return _with_pixels(
+        sub = _with_pixels(
             PolicyBatch(
                 input_ids=self.input_ids[idx],
                 attention_mask=self.attention_mask[idx],
@@ -79,6 +80,26 @@ class PolicyBatch:
                 _pixels=self._pixels,
             )
         )
+        return sub.trimmed() if trim else sub
+
+    def trimmed(self, response_side: bool = True) -> "PolicyBatch":
+        """Without the leading columns every row pads, and (with `response_side`) without
+        the trailing response columns no row reaches: R becomes the longest response of
+        these rows. Compute goes with B x width, and rows sorted by length into
+        micro-batches leave little padding (rlhf/workers.py)."""
+        r_all = self.response_width
+        p = self.input_ids.shape[1] - r_all
+        used = self.attention_mask[:, :p].sum(0) > 0  # (P,) prompt columns some row uses
+        left = int(used.nonzero()[0, 0]) if bool(used.any()) else p
+        r = max(1, int(self.attention_mask[:, p:].sum(1).max())) if response_side else r_all
+        if left == 0 and r == r_all:
+            return self
+        cut = slice(left, p + r)
+        self.input_ids, self.attention_mask, self.mm_token_type_ids = self.input_ids[:, cut], self.attention_mask[:, cut], self.mm_token_type_ids[:, cut]
+        self.response_ids, self.response_mask = self.response_ids[:, :r], self.response_mask[:, :r]
+        if self.rollout_logprobs is not None:
+            self.rollout_logprobs = self.rollout_logprobs[:, :r]
+        return self
 
     def model_inputs(self, device: torch.device) -> dict[str, torch.Tensor]:
         out = {

@@ -42,14 +42,24 @@ def _chunks(rows: torch.Tensor, size: int | None) -> list[torch.Tensor]:
     return [rows[i : i + size] for i in range(0, len(rows), size)]
 
 
+def _by_length(batch: PolicyBatch, rows: torch.Tensor) -> torch.Tensor:
+    """`rows` ordered by sequence length, so micro-batches cut from it hold similar lengths."""
+    lengths = batch.attention_mask[rows].sum(1)  # (b,)
+    return rows[torch.argsort(lengths, stable=True)]
+
+
+def _widen(x: torch.Tensor, width: int) -> torch.Tensor:
+    """(b, r) -> (b, width), zero-padded on the right (a trimmed micro-batch back to R)."""
+    return torch.nn.functional.pad(x, (0, width - x.shape[1]))
+
+
 @torch.no_grad()
 def batch_logprobs(model: torch.nn.Module, batch: PolicyBatch, temperature: float, micro_batch_size: int | None, suppress=()) -> torch.Tensor:
-    """log pi(response tokens) (B, R) without gradient, in micro-batches."""
-    parts = [
-        response_logprobs(model, batch.select(rows), temperature, suppress=suppress)[0].cpu()
-        for rows in _chunks(torch.arange(batch.rows), micro_batch_size)
-    ]
-    return torch.cat(parts)
+    """log pi(response tokens) (B, R) without gradient, in length-sorted micro-batches."""
+    out = torch.zeros(batch.rows, batch.response_width)
+    for rows in _chunks(_by_length(batch, torch.arange(batch.rows)), micro_batch_size):
+        out[rows] = _widen(response_logprobs(model, batch.select(rows, trim=True), temperature, suppress=suppress)[0].cpu(), batch.response_width)
+    return out
 
 
 class PolicyTrainer:
@@ -105,27 +115,34 @@ class PolicyTrainer:
             old = batch_logprobs(self.model, batch, self.temperature, self.micro_batch_size, self.suppress)
         if correct:
             is_weights, mask, metrics = A.rollout_correction(old, batch.rollout_logprobs, mask, cfg.mismatch)
+        # Dr.GRPO's divisor defaults to the padded width: keep it, do not trim responses then.
+        trim_responses = not (cfg.loss.agg_mode == "seq-mean-token-sum-norm" and cfg.loss.loss_scale_factor is None)
         per_mb: list[dict[str, float]] = []
         tokens, grad_norms = 0, []
         for mb in mbs:
             norm = A.LossNorm.of(mask[mb.indices])
             sums: dict[str, list[float]] = collections.defaultdict(list)
-            for rows in _chunks(mb.indices, self.micro_batch_size):
-                sub = batch.select(rows)
+            for rows in _chunks(_by_length(batch, mb.indices), self.micro_batch_size):
+                sub = batch.select(rows).trimmed(trim_responses)
+                r = sub.response_width
+
+                def cut(x: torch.Tensor | None, dev: torch.device) -> torch.Tensor | None:
+                    return None if x is None else x[rows][:, :r].to(dev)  # (b, R) -> the micro-batch's (b, r)
+
                 logp, ent = response_logprobs(
                     self.model, sub, self.temperature, entropy=True, entropy_grad=cfg.entropy.coef > 0, suppress=self.suppress
                 )
                 loss, m = A.actor_loss(
                     logp,
-                    logp.detach() if old is None else old[rows].to(logp.device),
-                    advantages[rows].to(logp.device),
-                    mask[rows].to(logp.device),
+                    logp.detach() if old is None else cut(old, logp.device),
+                    cut(advantages, logp.device),
+                    cut(mask, logp.device),
                     cfg,
                     kl_coef=kl_coef,
-                    ref_logprobs=None if ref_logprobs is None else ref_logprobs[rows].to(logp.device),
+                    ref_logprobs=cut(ref_logprobs, logp.device),
                     entropy=ent,
                     rollout_logprobs=None if sub.rollout_logprobs is None else sub.rollout_logprobs.to(logp.device),
-                    rollout_is_weights=None if is_weights is None else is_weights[rows].to(logp.device),
+                    rollout_is_weights=cut(is_weights, logp.device),
                     norm=norm,
                 )
                 loss.backward()

@@ -43,6 +43,12 @@ def test_trainer_logprobs_equal_the_samplers(step):
     with torch.no_grad():
         lp_sub, _ = RB.response_logprobs(model, sub, 1.0, suppress=suppress)
     assert torch.allclose(lp_sub, lp[[3, 0, 10]], atol=1e-5)
+    trimmed = batch.select([3, 0, 10], trim=True)  # without the columns these rows do not use
+    assert trimmed.input_ids.shape[1] <= sub.input_ids.shape[1] and trimmed.response_width == int(sub.response_mask.sum(1).max())
+    with torch.no_grad():
+        lp_trim, _ = RB.response_logprobs(model, trimmed, 1.0, suppress=suppress)
+    assert torch.allclose(lp_trim, lp_sub[:, : trimmed.response_width], atol=1e-5)
+    assert torch.equal(lp_sub[:, trimmed.response_width :], torch.zeros_like(lp_sub[:, trimmed.response_width :]))
 
 
 def test_once_per_image_vision_pass_equals_per_row(step, monkeypatch):

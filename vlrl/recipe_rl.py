@@ -90,7 +90,9 @@ class RlStage(_StageBase):
         default_factory=lambda: OptimSpec(lr=1e-5, weight_decay=0.0, warmup_steps=0, schedule="constant", min_lr_ratio=1.0)
     )
     trainable: Literal["all", "language", "vision+projector", "projector"] = "all"
-    micro_batch_size: int | None = Field(None, ge=1, description="rows per forward/backward (memory); null = a whole mini-batch")
+    micro_batch_size: int | None = Field(
+        16, ge=1, description="rows per forward/backward; rows are sorted by length into micro-batches, so padding stays small; null = a whole mini-batch"
+    )
     curriculum: CurriculumSpec = Field(default_factory=CurriculumSpec)
     placement: Literal["colocate", "split", "inline"] = Field(
         "colocate",

@@ -17,6 +17,8 @@ Ours runs in the default placement (colocate: the rollout worker is a Ray actor,
 trainer in this process); start-up (Ray, actors, model loads) is not in the per-step time
 of either side.
 
+Measured results: docs/rl-stage.md ("Speed"). The tiny recipe's setting: --prompts 16 --n 8 --max-tokens 48.
+
 Usage: python bench/bench_rl_trl.py [--steps 4] [--prompts 8] [--n 4] [--max-tokens 32]
        [--threads 1] [--train-steps 60] [--model DIR] [--placement colocate]
 """

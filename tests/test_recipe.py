@@ -104,11 +104,22 @@ def test_invalid_yaml_names_line(tmp_path):
         load_recipe(p)
 
 
-def test_planned_kind_validates_but_is_flagged(tmp_path):
+def test_rl_stage_is_strict(tmp_path):
     raw = _raw()
-    raw["stages"]["rl"] = {"from": "pretrain", "data": "data", "lr": 1e-6}
-    r = validate_recipe(raw, "r.yaml")
-    assert r.stages["rl"].kind == "rl"
+    raw["stages"]["rl"] = {"from": "pretrain", "data": "data", "steps": 2, "lr": 1e-6}
+    with pytest.raises(RecipeError, match=r"stages\.rl\.lr: unknown key"):
+        validate_recipe(raw, "r.yaml")
+
+
+def test_merge_parts_are_checked_at_validate():
+    raw = _raw()
+    raw["stages"]["merge"] = {"from": ["pretrain", "later"]}
+    raw["stages"]["later"] = {"kind": "eval", "from": "pretrain"}
+    with pytest.raises(RecipeError, match=r"stages\.merge\.from\.1: stage 'later' comes after 'merge'"):
+        validate_recipe(raw, "r.yaml")
+    raw["stages"]["merge"] = {"from": ["pretrain", "data"]}
+    with pytest.raises(RecipeError, match=r"stages\.merge\.from\.1: stage 'data' is a data stage"):
+        validate_recipe(raw, "r.yaml")
 
 
 def test_fingerprint_changes_with_config():
@@ -137,13 +148,14 @@ def test_cli_validate_ok_and_errors_in_one_line(tmp_path):
     assert "Traceback" not in res.stderr
 
 
-def test_cli_stage_kind_not_available_yet(tmp_path):
+def test_cli_run_missing_input_is_one_line(tmp_path):
     raw = _raw()
-    raw["stages"] = {"rl": {"from": str(tmp_path), "data": str(tmp_path)}}
+    raw["stages"] = {"rl": {"from": str(tmp_path / "nope"), "data": str(tmp_path), "steps": 1}}
     raw["eval"] = {"data": str(tmp_path)}
     raw["run_dir"] = str(tmp_path / "run")
     p = tmp_path / "rl.yaml"
     p.write_text(yaml.safe_dump(raw))
     res = _cli("run", str(p))
     assert res.returncode == 2
-    assert "not available yet" in res.stderr and "Traceback" not in res.stderr
+    lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "stages.rl.from" in lines[0] and "does not exist" in lines[0], res.stderr

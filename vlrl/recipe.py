@@ -232,6 +232,8 @@ def _check_references(recipe: Recipe, source: str) -> None:
         refs: list[tuple[str, str | None, tuple[str, ...]]] = []
         if hasattr(st, "from_"):
             refs.append(("from", st.from_, ("model", "pretrain", "sft", "rl", "merge")))
+        for i, part in enumerate(getattr(st, "parts", None) or []):
+            refs.append((f"from.{i}", part, ("model", "pretrain", "sft", "rl", "merge")))
         if getattr(st, "data", None) is not None:
             refs.append(("data", st.data, ("data",)))
         ev = st.eval if isinstance(st.eval, EvalSpec) else None

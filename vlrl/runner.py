@@ -151,7 +151,7 @@ def run_stage(recipe: Recipe, name: str, *, console: Console | None = None, base
     t0 = time.time()
     summary = impl(ctx) or {}
     spec = eval_spec_for(recipe, name)
-    if spec is not None:
+    if spec is not None and "eval" not in summary:  # a stage may have run its own (merge compares its parts)
         from vlrl.stages import eval_checkpoint
 
         data_dir = _resolve(recipe, spec.data, base)

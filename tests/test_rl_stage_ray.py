@@ -68,7 +68,7 @@ def test_killed_rollout_actor_is_restarted_and_its_step_retried(start, tmp_path,
 @pytest.mark.timeout(900)
 def test_sigkill_of_the_driver_then_rerun_resumes_from_the_last_checkpoint(start, tmp_path):
     data, ckpt = start
-    steps = 6
+    steps = 8
     ref = _run(rl_recipe(tmp_path / "ref", data, ckpt, steps=steps))
 
     raw = rl_recipe(tmp_path / "killed", data, ckpt, steps=steps, placement="colocate", ray={"num_cpus": 2})
@@ -86,11 +86,10 @@ def test_sigkill_of_the_driver_then_rerun_resumes_from_the_last_checkpoint(start
         time.sleep(0.05)
     else:
         pytest.fail("the run never reached a checkpoint")
-    time.sleep(1.0)  # let it get into the next step
-    os.killpg(proc.pid, signal.SIGKILL)
+    os.killpg(proc.pid, signal.SIGKILL)  # mid-stage: steps 2..7 are still to run
     proc.wait()
     stage = tmp_path / "killed" / "rl"
-    assert not (stage / "DONE.json").exists()
+    assert not json.loads(state.read_text())["complete"] and not (stage / "DONE.json").exists()
 
     res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     assert res.returncode == 0, res.stderr[-3000:]

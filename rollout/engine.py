@@ -77,8 +77,10 @@ class SamplingParams(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     n: int = Field(1, ge=1, description="samples per request (the GRPO group size)")
-    temperature: float = Field(1.0, ge=0.0, description="0 means greedy (argmax); top_k/top_p are then ignored")
-    top_p: float = Field(1.0, gt=0.0, le=1.0, description="nucleus: keep the smallest set of tokens whose mass reaches top_p; 1 = off")
+    # Lower bounds: a float32 sampler turns top_p below ~1e-38 into 0 and overflows
+    # logits / temperature for temperatures near 0 (found by the inspector's schemathesis run).
+    temperature: float = Field(1.0, ge=0.0, description="0 means greedy (argmax); otherwise at least 0.01; top_k/top_p are ignored at 0")
+    top_p: float = Field(1.0, ge=1e-6, le=1.0, description="nucleus: keep the smallest set of tokens whose mass reaches top_p; 1 = off")
     top_k: int = Field(0, ge=0, description="keep the k most likely tokens; 0 = off (vLLM spells off as -1 or 0)")
     max_new_tokens: int = Field(256, ge=1, description="hard cap on generated tokens; hitting it gives finish_reason 'length'")
     stop: tuple[str, ...] = Field((), description="stop strings: generation ends once the decoded text contains one")
@@ -92,6 +94,13 @@ class SamplingParams(BaseModel):
     def _no_empty_stop(cls, v: tuple[str, ...]) -> tuple[str, ...]:
         if any(s == "" for s in v):
             raise ValueError("stop strings must be non-empty (an empty string would stop every sample at once)")
+        return v
+
+    @field_validator("temperature")
+    @classmethod
+    def _greedy_or_sane(cls, v: float) -> float:
+        if 0.0 < v < 0.01:
+            raise ValueError("temperature must be 0 (greedy) or at least 0.01")
         return v
 
     @property

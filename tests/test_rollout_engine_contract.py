@@ -200,3 +200,12 @@ def test_growing_layer_row_selection_equals_indexing(indices):
     nk, nv = torch.randn(len(indices), 2, 1, 4, generator=g), torch.randn(len(indices), 2, 1, 4, generator=g)
     keys, _ = layer.update(nk, nv)
     assert torch.equal(keys, torch.cat([full_k[idx], nk], 2))
+
+
+@pytest.mark.parametrize("bad", [{"top_p": 1e-300}, {"top_p": 0.0}, {"temperature": 1e-4}, {"temperature": -1.0}])
+def test_sampling_params_refuse_values_a_float32_sampler_cannot_take(bad):
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError):
+        SamplingParams(**bad)
+    assert SamplingParams(temperature=0.0, top_p=1e-6).greedy

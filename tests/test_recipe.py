@@ -136,7 +136,7 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
 def test_cli_validate_ok_and_errors_in_one_line(tmp_path):
     ok = _cli("validate", str(TINY))
     assert ok.returncode == 0, ok.stderr
-    assert "3 stage(s)" in ok.stdout
+    assert "7 stage(s)" in ok.stdout
     raw = _raw()
     raw["stages"]["pretrain"]["optim"]["bogus"] = 1
     bad = tmp_path / "bad.yaml"

@@ -22,7 +22,7 @@ def _raw() -> dict:
 
 def test_tiny_recipe_validates():
     r = load_recipe(TINY)
-    assert list(r.stages) == ["data", "model", "pretrain"]
+    assert list(r.stages) == ["data", "model", "pretrain", "sft", "sft_shuffled", "merge", "rl"]
     assert r.stages["pretrain"].from_ == "model"
     assert [p.trainable for p in r.stages["pretrain"].phases] == ["language", "vision+projector", "all", "all"]
 

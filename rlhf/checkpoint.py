@@ -16,45 +16,14 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import shutil
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
+
 STATE_FILE = "rl_state.json"
-
-
-def rng_state() -> dict[str, Any]:
-    st = {"python": random.getstate(), "torch": torch.get_rng_state().tolist(), "numpy": np.random.get_state()}
-    st["numpy"] = [st["numpy"][0], st["numpy"][1].tolist(), *st["numpy"][2:]]
-    if torch.cuda.is_available():
-        st["cuda"] = [s.tolist() for s in torch.cuda.get_rng_state_all()]
-    return st
-
-
-def set_rng_state(st: dict[str, Any]) -> None:
-    py = st["python"]
-    random.setstate((py[0], tuple(py[1]), py[2]))
-    torch.set_rng_state(torch.tensor(st["torch"], dtype=torch.uint8))
-    npst = st["numpy"]
-    np.random.set_state((npst[0], np.array(npst[1], dtype=np.uint32), *npst[2:]))
-    if "cuda" in st and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in st["cuda"]])
-
-
-def save_policy(out_dir: Path, model: torch.nn.Module, processor) -> None:
-    """HF-format policy, written beside and renamed into place."""
-    tmp = out_dir.with_name(out_dir.name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    model.save_pretrained(tmp)
-    processor.save_pretrained(tmp)
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    os.replace(tmp, out_dir)
 
 
 def save_checkpoint(state_dir: Path, model: torch.nn.Module, processor, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:

@@ -36,7 +36,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from rlhf import algos as A
 from rlhf.batch import build_policy_batch
-from rlhf.checkpoint import read_checkpoint, rng_state, set_rng_state
+from rlhf.checkpoint import read_checkpoint
+from sft.state import rng_state, set_rng_state
 from rlhf.curriculum import PromptCurriculum
 from rlhf.placement import check_resources, make_rollout_pool, spawn, start_ray, stop_ray
 from rlhf.workers import PolicyTrainer, ReferenceWorker, RewardWorker

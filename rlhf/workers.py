@@ -201,9 +201,9 @@ class PolicyTrainer:
         self.optimizer.load_state_dict(torch.load(path, weights_only=True))
 
     def save_pretrained(self, out_dir: Path) -> None:
-        from rlhf.checkpoint import save_policy
+        from sft.state import save_hf_checkpoint
 
-        save_policy(Path(out_dir), self.model, self.processor)
+        save_hf_checkpoint(Path(out_dir), self.model, self.processor)
 
 
 class ReferenceWorker:

@@ -16,13 +16,12 @@ last checkpoint was taken.
 
 from __future__ import annotations
 
-import shutil
 from typing import Iterator
 
 import torch
 
 from sft.sampler import BatchSampler
-from sft.state import TrainerState, load_state, read_state, save_state
+from sft.state import TrainerState, load_state, read_state, save_hf_checkpoint, save_state
 from sft.trainer import LoopHooks, make_optimizer, make_progress, train_steps
 from vlrl.data.records import Record
 from vlrl.data.synth import select_indices
@@ -133,14 +132,7 @@ def run_stage(ctx) -> dict:
         tracker.close()
 
     set_trainable(model, TRAINABLE["all"])
-    tmp = final.with_name("checkpoint.tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    model.save_pretrained(tmp)
-    processor.save_pretrained(tmp)
-    if final.exists():
-        shutil.rmtree(final)
-    tmp.rename(final)
+    save_hf_checkpoint(final, model, processor)
     state.complete = True
     save_state(state_dir, model, None, state)
     ctx.console.print(f"pretrained checkpoint: {final} ({count_parameters(model)['total']:,} params, {counters['skipped']} samples skipped)")

@@ -12,13 +12,12 @@ would have seen (sft/feed.py), so the final weights equal an uninterrupted run's
 from __future__ import annotations
 
 import json
-import shutil
 
 import torch
 
 from sft.curriculum import RecordStream, build_plan, family_shares
 from sft.feed import Feed
-from sft.state import TrainerState, load_state, read_state, save_state
+from sft.state import TrainerState, load_state, read_state, save_hf_checkpoint, save_state
 from sft.trainer import LoopHooks, make_optimizer, make_progress, train_steps
 from vlrl.recipe_sft import SftStage
 
@@ -92,14 +91,7 @@ def run_stage(ctx) -> dict:
     finally:
         tracker.close()
 
-    tmp = final.with_name("checkpoint.tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    model.save_pretrained(tmp)
-    processor.save_pretrained(tmp)
-    if final.exists():
-        shutil.rmtree(final)
-    tmp.rename(final)
+    save_hf_checkpoint(final, model, processor)
     state.complete = True
     save_state(state_dir, model, None, state)
     summary = {"steps": state.global_step, "consumed": state.consumed, "skipped": state.skipped}

@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from safetensors.torch import load_model as st_load_model
 from safetensors.torch import save_model as st_save_model
@@ -38,19 +39,38 @@ class TrainerState:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def _rng_state() -> dict[str, Any]:
-    st = {"python": random.getstate(), "torch": torch.get_rng_state().tolist()}
+def rng_state() -> dict[str, Any]:
+    """Python, numpy, torch (and CUDA) generator states as JSON-able lists: what exact resume restores."""
+    np_state = np.random.get_state()
+    st = {"python": random.getstate(), "torch": torch.get_rng_state().tolist(), "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]]}
     if torch.cuda.is_available():
         st["cuda"] = [s.tolist() for s in torch.cuda.get_rng_state_all()]
     return st
 
 
-def _set_rng_state(st: dict[str, Any]) -> None:
+def set_rng_state(st: dict[str, Any]) -> None:
     py = st["python"]
     random.setstate((py[0], tuple(py[1]), py[2]))
     torch.set_rng_state(torch.tensor(st["torch"], dtype=torch.uint8))
+    if "numpy" in st:  # states written before numpy was recorded lack it
+        npst = st["numpy"]
+        np.random.set_state((npst[0], np.array(npst[1], dtype=np.uint32), *npst[2:]))
     if "cuda" in st and torch.cuda.is_available():
         torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in st["cuda"]])
+
+
+def save_hf_checkpoint(out_dir: Path, model: torch.nn.Module, processor) -> None:
+    """Model + processor in Hugging Face format, written beside and renamed into place,
+    so a reader never sees half a checkpoint."""
+    out_dir = Path(out_dir)
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    model.save_pretrained(tmp)
+    processor.save_pretrained(tmp)
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    os.replace(tmp, out_dir)
 
 
 def save_state(state_dir: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None, state: TrainerState) -> None:
@@ -63,7 +83,7 @@ def save_state(state_dir: Path, model: torch.nn.Module, optimizer: torch.optim.O
     st_save_model(model, str(tmp / "model.safetensors"))
     if optimizer is not None:
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-    (tmp / "trainer_state.json").write_text(json.dumps({**asdict(state), "rng": _rng_state()}))
+    (tmp / "trainer_state.json").write_text(json.dumps({**asdict(state), "rng": rng_state()}))
     _fsync_dir(tmp)
     if state_dir.exists():
         if old.exists():
@@ -100,7 +120,7 @@ def load_state(state_dir: Path, model: torch.nn.Module, optimizer: torch.optim.O
     if optimizer is not None and (found / "optimizer.pt").is_file():
         optimizer.load_state_dict(torch.load(found / "optimizer.pt", weights_only=True))
     if restore_rng and rng:
-        _set_rng_state(rng)
+        set_rng_state(rng)
     return state
 
 

@@ -186,10 +186,16 @@ def actor_loss(
     rollout_logprobs: torch.Tensor | None = None,  # (B, T)
     rollout_is_weights: torch.Tensor | None = None,  # (B, T)
     norm: LossNorm | None = None,
+    anchor_rows: torch.Tensor | None = None,  # (B,) 1 on perception rows (rlhf.perception.anchor_rows)
+    anchor_norm: LossNorm | None = None,  # denominators of the anchor's (perception) tokens in the mini-batch
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """pg loss + kl_coef * KL(policy || ref) - entropy_coef * entropy -> (loss, metrics).
+    """pg loss + kl_coef * KL(policy || ref) + anchor_coef * KL_perception(policy || ref)
+    - entropy_coef * entropy -> (loss, metrics).
 
-    Sequences rejected by the mismatch correction leave the KL and entropy terms too."""
+    The perception anchor (cfg.perception_anchor) is the same KL restricted to the rows of
+    perception prompts and normalised over their tokens, so its size does not shrink with
+    the perception share. Sequences rejected by the mismatch correction leave the KL,
+    anchor and entropy terms too."""
     mask, is_weights, metrics = _correct(old_logprobs, rollout_logprobs, response_mask, cfg, rollout_is_weights)
     loss, pg_metrics = _pg_loss(old_logprobs, logprobs, advantages, mask, cfg, is_weights, norm)
     metrics.update(pg_metrics)
@@ -200,6 +206,14 @@ def actor_loss(
         loss = loss + kl_coef * kl
         metrics["actor/kl_loss"] = float(kl.detach())
     metrics["actor/kl_coef"] = float(kl_coef)
+    anchor = cfg.perception_anchor
+    if anchor.kl_coef > 0 and anchor_rows is not None and bool(anchor_rows.any()):
+        if ref_logprobs is None:
+            raise ValueError("perception_anchor.kl_coef > 0 needs ref_logprobs")
+        rows_mask = mask * anchor_rows.to(mask.dtype)[:, None]  # (B, T)
+        pkl = kl_loss(logprobs, ref_logprobs.detach(), rows_mask, anchor.kind, cfg.loss.agg_mode, anchor_norm, cfg.loss.loss_scale_factor)
+        loss = loss + anchor.kl_coef * pkl
+        metrics["actor/perception_kl"] = float(pkl.detach())
     if entropy is not None:
         ent_term, ent_metrics = entropy_term(
             mask, cfg.entropy.coef, cfg.loss.agg_mode, entropy=entropy, norm=norm, loss_scale_factor=cfg.loss.loss_scale_factor

@@ -58,6 +58,7 @@ class Group:
     completions: list[Completion]
     results: list[Any]  # rewards.stack.RewardResult per completion
     kept: bool = True  # dynamic sampling kept it for the update
+    mode: str | None = None  # reasoning mode of the prompt (rlhf/modes.py), None without modes
 
 
 @dataclass
@@ -77,11 +78,22 @@ def validate_rewards(cfg: RlStage, where: str):
     """The rewards section, checked before anything is loaded."""
     from rewards.stack import RewardStackConfig
 
+    from rewards.stack import ComponentConfig
+
     try:
-        return RewardStackConfig.model_validate(cfg.rewards)
+        stack = RewardStackConfig.model_validate(cfg.rewards)
     except Exception as e:  # pydantic's message, made one line
         first = str(e).splitlines()
         raise RecipeError(f"{where}.rewards: {' '.join(s.strip() for s in first[:3])}") from None
+    if not cfg.reward_terms:
+        return stack
+    clash = sorted(set(cfg.reward_terms) & set(stack.components))
+    if clash:
+        raise RecipeError(f"{where}.reward_terms: {clash} already named in rewards.components; rename the term")
+    # Added on top of the stack as given (its default routing kept): a copy, not a re-validation,
+    # which would read `components` as user-set and drop the default routes.
+    terms = {name: ComponentConfig(fn=t.fn or name, weight=t.weight, args=t.args) for name, t in cfg.reward_terms.items()}
+    return stack.model_copy(update={"components": {**stack.components, **terms}, "always": [*stack.always, *terms]})
 
 
 class Controller:
@@ -171,6 +183,11 @@ class Controller:
                 [g.request for g in kept], [k for k, g in enumerate(kept) for _ in g.completions], [c for g in kept for c in g.completions], self.processor
             )
             scores = torch.tensor([g.results[j].total for g, j in rows], dtype=torch.float32)  # (B,)
+        hybrid: dict[str, float] = {}
+        if cfg.algo.visual.enabled:
+            with timer("visual"):
+                scores, hybrid = self._visual(batch, rows, scores)
+        with timer("prepare"):
             token_rewards = A.outcome_to_token_rewards(scores, batch.response_mask)  # before truncation masking
             mask, trunc = A.mask_truncated(batch.response_mask, [g.completions[j].finish_reason for g, j in rows], cfg.algo.mask_truncated)
             batch.response_mask = mask
@@ -181,20 +198,45 @@ class Controller:
         if self.reference is not None:
             with timer("reference"):
                 ref = self.reference.logprobs(batch)
-        learn = A.has_learning_signal(adv, mask) or self.kl_coef > 0 or cfg.algo.entropy.coef > 0
+        perception = None
+        if cfg.algo.perception_anchor.kl_coef > 0:
+            from rlhf.perception import anchor_rows
+
+            perception = anchor_rows([self.dataset.records[g.record_index].family for g, _ in rows])  # (B,)
+        anchored = perception is not None and bool(perception.any())
+        learn = A.has_learning_signal(adv, mask) or self.kl_coef > 0 or cfg.algo.entropy.coef > 0 or anchored
         train = {"actor/skipped": 0.0 if learn else 1.0}
         if learn:
             with timer("train"):
-                train.update(self.trainer.update(batch, adv, ref_logprobs=ref, kl_coef=self.kl_coef, lr=lr_at(s, cfg.steps, cfg.optim), step=s))
+                extra_kw = {"perception_rows": perception} if anchored else {}
+                train.update(
+                    self.trainer.update(batch, adv, ref_logprobs=ref, kl_coef=self.kl_coef, lr=lr_at(s, cfg.steps, cfg.optim), step=s, **extra_kw)
+                )
         with timer("sync"):  # an update-free step still moves the version: the weights of version s+1 are those of s
             self.pool.sync(self._weights() if learn else {}, s + 1)
             self.version = s + 1
         with timer("store"):
             self.store.append(self._rows(s, groups, adv, mask))
-        metrics = self._metrics(s, groups, kept, batch, train, adv_metrics, {**trunc, **sampling}, timer, rounds)
+        metrics = self._metrics(s, groups, kept, batch, train, adv_metrics, {**trunc, **sampling, **hybrid}, timer, rounds)
         metrics["time/step"] = time.perf_counter() - t0
         self.kl_coef = A.next_kl_coef(cfg.algo.kl, s + 1, self.kl_coef, train.get("actor/kl_loss"), batch.rows, cfg.steps)
         return metrics
+
+    def _visual(self, batch, rows, scores: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+        """The implicit perception term (rlhf/perception.py): the dependency of each response
+        on its image, its capped bonus added to the scores when coef > 0, and the metrics."""
+        from rlhf.perception import dependency_metrics, sequence_dependency, visual_bonus
+
+        vc = self.cfg.algo.visual
+        real, masked = self.trainer.visual_logprobs(batch)  # (B, R) each
+        dep = sequence_dependency(real, masked, batch.response_mask, vc.per)  # (B,)
+        has_image = torch.tensor([bool(g.request.images) for g, _ in rows])
+        bonus = None
+        if vc.coef > 0:
+            correct = torch.tensor([bool(g.results[j].correct) for g, j in rows]) if vc.correct_only else None
+            bonus = visual_bonus(dep, vc.coef, vc.cap, correct) * has_image
+            scores = scores + bonus
+        return scores, dependency_metrics(dep, has_image, bonus, vc.cap)
 
     def _collect(self, s: int, timer: Timer) -> tuple[list[Group], int, dict[str, float]]:
         """Prompts -> groups with rewards; DAPO dynamic sampling draws more rounds while
@@ -238,14 +280,37 @@ class Controller:
         for k, i in enumerate(idx):
             sample = self.dataset[i]
             requests.append(GenerationRequest.from_sample(sample, request_id=f"{s}-{first + k}"))
-        params = SamplingParams(
-            n=cfg.n, temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k, max_new_tokens=cfg.max_tokens,
-            seed=(self.seed * 1_000_003 + s * 1_009 + r) % 2**31,
-        )
-        with timer("generate"):
-            out, stats = self.pool.generate(requests, params, min_version=s)
-        timer.seconds["generate_tokens"] += stats["tokens"]
-        return [Group(gid=req.request_id, record_index=i, request=req, completions=comps, results=[]) for req, i, comps in zip(requests, idx, out)]
+        seed = (self.seed * 1_000_003 + s * 1_009 + r) % 2**31
+        if not cfg.modes:
+            params = SamplingParams(
+                n=cfg.n, temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k, max_new_tokens=cfg.max_tokens, seed=seed,
+            )
+            with timer("generate"):
+                out, stats = self.pool.generate(requests, params, min_version=s)
+            timer.seconds["generate_tokens"] += stats["tokens"]
+            return [Group(gid=req.request_id, record_index=i, request=req, completions=comps, results=[]) for req, i, comps in zip(requests, idx, out)]
+        from rlhf.modes import pick_mode, with_suffix
+
+        picks = [pick_mode(self.seed, first + k, [m.weight for m in cfg.modes]) for k in range(len(idx))]
+        requests = [with_suffix(req, cfg.modes[m].suffix) for req, m in zip(requests, picks)]
+        out: list = [None] * len(requests)
+        for m, mode in enumerate(cfg.modes):  # one generate call per mode: each has its own length cap
+            ks = [k for k, p in enumerate(picks) if p == m]
+            if not ks:
+                continue
+            params = SamplingParams(
+                n=cfg.n, temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k, max_new_tokens=mode.max_tokens,
+                seed=(seed + 7_919 * m) % 2**31,
+            )
+            with timer("generate"):
+                got, stats = self.pool.generate([requests[k] for k in ks], params, min_version=s)
+            timer.seconds["generate_tokens"] += stats["tokens"]
+            for k, comps in zip(ks, got):
+                out[k] = comps
+        return [
+            Group(gid=req.request_id, record_index=i, request=req, completions=comps, results=[], mode=cfg.modes[m].name)
+            for req, i, comps, m in zip(requests, idx, out, picks)
+        ]
 
     def _score(self, groups: list[Group]) -> None:
         from rewards.api import RewardSample
@@ -325,13 +390,24 @@ class Controller:
         lengths = torch.tensor([len(c.token_ids) for c in comps], dtype=torch.float64)
         m.update({"response/length_mean": float(lengths.mean()), "response/length_max": float(lengths.max()),
                   "response/stop_frac": sum(c.finish_reason == "stop" for c in comps) / len(comps)})
+        from rlhf.diversity import diversity_metrics
+
+        m.update(diversity_metrics([[c.token_ids for c in g.completions] for g in groups], [[c.text for c in g.completions] for g in groups]))
+        if self.cfg.rollout.modes:
+            from rlhf.modes import mode_metrics
+
+            per = [(g.mode, c, r) for g in groups for c, r in zip(g.completions, g.results)]
+            m.update(mode_metrics(
+                [md.name for md in self.cfg.rollout.modes], [p[0] for p in per], [len(p[1].token_ids) for p in per],
+                [p[2].correct for p in per], [p[1].finish_reason == "stop" for p in per],
+            ))
         m.update(adv_metrics)
         m.update(extra)
         m.update(train)
         sec = timer.seconds
         m["perf/rollout_tokens"] = sec.pop("generate_tokens", 0.0)
         m["perf/rollout_tokens_per_s"] = m["perf/rollout_tokens"] / sec["generate"] if sec.get("generate") else 0.0
-        for k in ("generate", "reward", "reference", "train", "sync", "prepare", "store"):
+        for k in ("generate", "reward", "reference", "visual", "train", "sync", "prepare", "store"):
             m[f"time/{k}"] = sec.get(k, 0.0)
         lo, hi = self.curriculum.band(s)
         m.update({

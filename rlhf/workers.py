@@ -33,7 +33,7 @@ from vlrl.recipe_base import OptimSpec
 from vlrl.rl_config import RLAlgoConfig
 
 # Metrics whose micro-batch values are parts of one mini-batch loss (global LossNorm): summed.
-_ADDITIVE = ("actor/loss", "actor/pg_loss", "actor/kl_loss", "actor/entropy")
+_ADDITIVE = ("actor/loss", "actor/pg_loss", "actor/kl_loss", "actor/entropy", "actor/perception_kl")
 
 
 def _chunks(rows: torch.Tensor, size: int | None) -> list[torch.Tensor]:
@@ -101,6 +101,7 @@ class PolicyTrainer:
         kl_coef: float,
         lr: float,
         step: int,
+        perception_rows: torch.Tensor | None = None,  # (B,) 1 on perception prompts (the anchor KL's rows)
     ) -> dict[str, float]:
         """Epochs x mini-batches of optimizer steps on one RL step's batch -> metrics."""
         t0 = time.perf_counter()
@@ -119,8 +120,11 @@ class PolicyTrainer:
         trim_responses = not (cfg.loss.agg_mode == "seq-mean-token-sum-norm" and cfg.loss.loss_scale_factor is None)
         per_mb: list[dict[str, float]] = []
         tokens, grad_norms = 0, []
+        anchor_on = cfg.perception_anchor.kl_coef > 0 and perception_rows is not None
         for mb in mbs:
             norm = A.LossNorm.of(mask[mb.indices])
+            anchor_norm = A.LossNorm.of(mask[mb.indices] * perception_rows[mb.indices, None]) if anchor_on else None
+            anchor_mb = anchor_on and bool(anchor_norm.batch_num_tokens)  # no perception tokens: no anchor term
             sums: dict[str, list[float]] = collections.defaultdict(list)
             for rows in _chunks(_by_length(batch, mb.indices), self.micro_batch_size):
                 sub = batch.select(rows).trimmed(trim_responses)
@@ -144,6 +148,8 @@ class PolicyTrainer:
                     rollout_logprobs=None if sub.rollout_logprobs is None else sub.rollout_logprobs.to(logp.device),
                     rollout_is_weights=cut(is_weights, logp.device),
                     norm=norm,
+                    anchor_rows=perception_rows[rows].to(logp.device) if anchor_mb else None,
+                    anchor_norm=anchor_norm,
                 )
                 loss.backward()
                 tokens += sub.tokens()
@@ -166,6 +172,15 @@ class PolicyTrainer:
             }
         )
         return metrics
+
+    def visual_logprobs(self, batch: PolicyBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """log pi(response) (B, R) with the real images and with masked (mean) images, no
+        gradient: the two sides of the visual dependency (rlhf/perception.py)."""
+        from rlhf.perception import masked_image_batch
+
+        real = batch_logprobs(self.model, batch, self.temperature, self.micro_batch_size, self.suppress)
+        masked = batch_logprobs(self.model, masked_image_batch(batch), self.temperature, self.micro_batch_size, self.suppress)
+        return real, masked
 
     def _optimizer_step(self) -> float:
         params = [p for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]

@@ -16,6 +16,15 @@ from vlrl.recipe_base import DataSelect, OptimSpec, _StageBase, _Strict
 from vlrl.rl_config import RLAlgoConfig
 
 
+class ModeSpec(_Strict):
+    """A reasoning mode (MiniCPM-V 4.5 short/long): a suffix on the prompt and its own length budget."""
+
+    name: str = Field(..., pattern=r"^[a-z][a-z0-9_]*$", description="metric name of the mode (mode/<name>/...)")
+    suffix: str = Field(..., min_length=1, description="appended to the last user message, e.g. 'Answer briefly.'")
+    max_tokens: int = Field(..., ge=1, description="response cap of this mode (replaces rollout.max_tokens)")
+    weight: float = Field(1.0, gt=0, description="relative chance a prompt gets this mode")
+
+
 class RolloutSpec(_Strict):
     """How prompts become groups of sampled responses."""
 
@@ -32,6 +41,17 @@ class RolloutSpec(_Strict):
         True, description="never sample the vision placeholder tokens (input-only; a response holding one cannot be trained on)"
     )
     engine_options: dict[str, Any] = Field(default_factory=dict, description="extra keyword options for the engine's constructor")
+    modes: list[ModeSpec] = Field(
+        default_factory=list, description="short/long reasoning modes, one picked at random per prompt (rlhf/modes.py); empty = off"
+    )
+
+    @field_validator("modes")
+    @classmethod
+    def _distinct_modes(cls, v: list[ModeSpec]) -> list[ModeSpec]:
+        names = [m.name for m in v]
+        if len(set(names)) != len(names):
+            raise ValueError(f"mode names must be distinct, got {names}")
+        return v
 
 
 class CurriculumPoint(_Strict):
@@ -69,6 +89,15 @@ class CurriculumSpec(_Strict):
         return v
 
 
+class RewardTermSpec(_Strict):
+    """A group term of rewards/terms.py (diversity, conciseness, group_length, overlong)
+    added to the reward stack on top of `rewards` (defaults included) for every record."""
+
+    fn: str | None = Field(None, description="registered reward name; default: the term's key")
+    weight: float = Field(..., description="weight in the total reward; 0 = logged only, the update is plain GRPO's")
+    args: dict[str, Any] = Field(default_factory=dict, description="the term's options (e.g. diversity: n, threshold)")
+
+
 class RaySpec(_Strict):
     address: str | None = Field(None, description="null: start a local Ray with this machine's CPUs; 'auto' or 'host:port': join that cluster")
     num_cpus: int | None = Field(None, ge=1, description="local start only; default: all CPUs of the machine")
@@ -86,6 +115,9 @@ class RlStage(_StageBase):
     algo: RLAlgoConfig = Field(default_factory=RLAlgoConfig)
     rollout: RolloutSpec = Field(default_factory=RolloutSpec)
     rewards: dict[str, Any] = Field(default_factory=dict, description="rewards.stack.RewardStackConfig; {} = built-in accuracy + format stack")
+    reward_terms: dict[str, RewardTermSpec] = Field(
+        default_factory=dict, description="group terms added to the stack for every record (hybrid RL: diversity, conciseness)"
+    )
     optim: OptimSpec = Field(
         default_factory=lambda: OptimSpec(lr=1e-5, weight_decay=0.0, warmup_steps=0, schedule="constant", min_lr_ratio=1.0)
     )
@@ -108,8 +140,11 @@ class RlStage(_StageBase):
     def _reference_for_kl(self) -> "RlStage":
         if self.reference == "off" and self.algo.kl.enabled:
             raise ValueError("algo.kl is enabled (coef > 0) but reference is off: set reference to auto/on, or algo.kl.coef to 0")
+        if self.reference == "off" and self.algo.perception_anchor.kl_coef > 0:
+            raise ValueError("algo.perception_anchor.kl_coef > 0 needs the reference model, but reference is off: set reference to auto/on")
         return self
 
     @property
     def use_reference(self) -> bool:
-        return self.reference == "on" or (self.reference == "auto" and self.algo.kl.enabled)
+        wanted = self.algo.kl.enabled or self.algo.perception_anchor.kl_coef > 0
+        return self.reference == "on" or (self.reference == "auto" and wanted)

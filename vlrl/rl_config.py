@@ -190,6 +190,28 @@ class DynamicSamplingConfig(_Strict):
     tolerance: float = Field(0.0, ge=0, description="rewards within this spread count as equal")
 
 
+class PerceptionAnchorConfig(_Strict):
+    """KL to the reference on perception prompts only (docs/rl-stage.md, Hybrid terms)."""
+
+    kl_coef: float = Field(0.0, ge=0, description="coefficient of the KL on perception rows; 0 = off")
+    kind: KLKind = Field("k3", description="KL estimator (as kl.kind)")
+
+
+class VisualConfig(_Strict):
+    """The implicit perception term: how much the response's log-probability depends on
+    the image (real image vs a masked one), as a capped reward bonus and a metric."""
+
+    coef: float = Field(0.0, ge=0, description="bonus = coef * clip(dependency, 0, cap); 0 = no bonus")
+    cap: float = Field(0.5, gt=0, description="dependency above this earns nothing more (anti-gaming cap)")
+    per: Literal["token", "sequence"] = Field("token", description="dependency as the mean per response token or the sum per sequence")
+    correct_only: bool = Field(True, description="only correct responses earn the bonus (wrong image-dependent text earns nothing)")
+    metric: bool = Field(False, description="measure visual/dependency every step even with coef 0 (two extra no-grad forwards)")
+
+    @property
+    def enabled(self) -> bool:
+        return self.coef > 0 or self.metric
+
+
 class RLAlgoConfig(_Strict):
     """Everything about the RL update that is not the model, the data or the rewards."""
 
@@ -198,6 +220,8 @@ class RLAlgoConfig(_Strict):
     kl: KLConfig = KLConfig()
     entropy: EntropyConfig = EntropyConfig()
     mismatch: MismatchConfig = MismatchConfig()
+    perception_anchor: PerceptionAnchorConfig = PerceptionAnchorConfig()
+    visual: VisualConfig = VisualConfig()
     dynamic_sampling: DynamicSamplingConfig = DynamicSamplingConfig()
     mask_truncated: bool = Field(False, description="zero the loss of responses cut at the length limit (DAPO overlong filtering)")
     epochs: int = Field(1, ge=1, description="passes over each step's batch")

@@ -195,6 +195,22 @@ def report(
     console.print(f"[green]ok[/]: {write_report(run_dir, out)}")
 
 
+@app.command()
+def ablate(
+    recipe: Path,
+    overrides: Optional[list[str]] = OverridesArg,
+    stage_name: Optional[str] = typer.Option(None, "--stage", help="the rl stage to ablate (default: the recipe's only rl stage)"),
+    steps: Optional[int] = typer.Option(None, "--steps", min=1, help="RL steps per variant (default: the stage's)"),
+    variants: Optional[str] = typer.Option(None, "--variants", help="comma-separated subset, e.g. plain,anchor,all"),
+) -> None:
+    """Hybrid RL ablation: plain GRPO, each hybrid term alone and all together, from the same
+    checkpoint and budget; writes RUN_DIR/ablation.json, ablation.md and plots."""
+    run_ablation = getattr(importlib.import_module("rlhf.ablation"), "run_ablation")
+    only = [v.strip() for v in variants.split(",") if v.strip()] if variants else None
+    out = run_ablation(recipe, overrides or [], stage=stage_name, steps=steps, only=only, console=console)
+    console.print(f"[green]ok[/]: {out}")
+
+
 def _mount_subcommands() -> None:
     for name, (module, attr, help_text) in SUBCOMMANDS.items():
         if importlib.util.find_spec(module) is None:

@@ -7,7 +7,8 @@ with the real image I and with a masked image I~ of the same size:
     d   = mean_t d_t   (per="token")   or   sum_t d_t   (per="sequence")
 A large d means the answer leans on the image; d ~ 0 means it would be written blind.
 Bonus added to the sequence reward before the advantage:
-    b = coef * clip(d, 0, cap)     (correct responses only, with `correct_only`)
+    b = coef * clip(d, 0, cap)     (correct responses only, with `correct_only`;
+                                    0 where the mean token entropy H < min_entropy)
 
 Where we depart from the papers: MindGPT-4ov/MiniCPM-V 4.5 do not publish a formula
 for perception preservation in RL. Ours is a contrastive log-likelihood (as in
@@ -15,7 +16,8 @@ visual-contrastive decoding, here used as a reward, not at decoding time). The m
 image is the *mean image*: zero pixels after the processor's normalisation (which
 subtracts the mean), so the token layout, the grid and the positions are unchanged and
 only the visual content is removed. The cap and the correctness gate keep the policy
-from gaming the bonus with image-specific but wrong or degenerate text; the no-grad
+from gaming the bonus with image-specific but wrong or degenerate text; the entropy guard stops the
+bonus for a response the policy has collapsed onto (H -> 0); the no-grad
 forwards mean the bonus is a reward, not a differentiable term.
 """
 
@@ -66,11 +68,17 @@ def visual_bonus(
     coef: float,
     cap: float,
     correct: torch.Tensor | None = None,  # (B,) bool; None = every row may earn it
+    entropy: torch.Tensor | None = None,  # (B,) mean token entropy of the response
+    min_entropy: float | None = None,
 ) -> torch.Tensor:
-    """b = coef * clip(d, 0, cap) (B,), zero where `correct` is False."""
+    """b = coef * clip(d, 0, cap) (B,), zero where `correct` is False or entropy < min_entropy."""
     b = coef * dependency.clamp(min=0.0, max=cap)
     if correct is not None:
         b = b * correct.to(b.dtype)
+    if min_entropy is not None:
+        if entropy is None:
+            raise ValueError("min_entropy needs the responses' entropy")
+        b = b * (entropy >= min_entropy).to(b.dtype)
     return b
 
 

@@ -228,13 +228,15 @@ class Controller:
         from rlhf.perception import dependency_metrics, sequence_dependency, visual_bonus
 
         vc = self.cfg.algo.visual
-        real, masked = self.trainer.visual_logprobs(batch)  # (B, R) each
-        dep = sequence_dependency(real, masked, batch.response_mask, vc.per)  # (B,)
+        real, masked, ent = self.trainer.visual_logprobs(batch)  # (B, R) each
+        mask = batch.response_mask
+        dep = sequence_dependency(real, masked, mask, vc.per)  # (B,)
+        seq_ent = (ent * mask).sum(-1) / mask.sum(-1).clamp(min=1)  # (B,) mean token entropy
         has_image = torch.tensor([bool(g.request.images) for g, _ in rows])
         bonus = None
         if vc.coef > 0:
             correct = torch.tensor([bool(g.results[j].correct) for g, j in rows]) if vc.correct_only else None
-            bonus = visual_bonus(dep, vc.coef, vc.cap, correct) * has_image
+            bonus = visual_bonus(dep, vc.coef, vc.cap, correct, seq_ent, vc.min_entropy) * has_image
             scores = scores + bonus
         return scores, dependency_metrics(dep, has_image, bonus, vc.cap)
 

@@ -56,10 +56,22 @@ def _widen(x: torch.Tensor, width: int) -> torch.Tensor:
 @torch.no_grad()
 def batch_logprobs(model: torch.nn.Module, batch: PolicyBatch, temperature: float, micro_batch_size: int | None, suppress=()) -> torch.Tensor:
     """log pi(response tokens) (B, R) without gradient, in length-sorted micro-batches."""
+    return batch_logprobs_entropy(model, batch, temperature, micro_batch_size, suppress, entropy=False)[0]
+
+
+@torch.no_grad()
+def batch_logprobs_entropy(
+    model: torch.nn.Module, batch: PolicyBatch, temperature: float, micro_batch_size: int | None, suppress=(), *, entropy: bool = True
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(log pi(response tokens) (B, R), token entropy (B, R) or None) without gradient."""
     out = torch.zeros(batch.rows, batch.response_width)
+    ent = torch.zeros(batch.rows, batch.response_width) if entropy else None
     for rows in _chunks(_by_length(batch, torch.arange(batch.rows)), micro_batch_size):
-        out[rows] = _widen(response_logprobs(model, batch.select(rows, trim=True), temperature, suppress=suppress)[0].cpu(), batch.response_width)
-    return out
+        lp, e = response_logprobs(model, batch.select(rows, trim=True), temperature, entropy=entropy, suppress=suppress)
+        out[rows] = _widen(lp.cpu(), batch.response_width)
+        if ent is not None:
+            ent[rows] = _widen(e.cpu(), batch.response_width)
+    return out, ent
 
 
 class PolicyTrainer:
@@ -173,14 +185,15 @@ class PolicyTrainer:
         )
         return metrics
 
-    def visual_logprobs(self, batch: PolicyBatch) -> tuple[torch.Tensor, torch.Tensor]:
-        """log pi(response) (B, R) with the real images and with masked (mean) images, no
-        gradient: the two sides of the visual dependency (rlhf/perception.py)."""
+    def visual_logprobs(self, batch: PolicyBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """log pi(response) (B, R) with the real images and with masked (mean) images, and the
+        token entropy with the real images (B, R), no gradient: the visual dependency and its
+        entropy guard (rlhf/perception.py)."""
         from rlhf.perception import masked_image_batch
 
-        real = batch_logprobs(self.model, batch, self.temperature, self.micro_batch_size, self.suppress)
+        real, ent = batch_logprobs_entropy(self.model, batch, self.temperature, self.micro_batch_size, self.suppress)
         masked = batch_logprobs(self.model, masked_image_batch(batch), self.temperature, self.micro_batch_size, self.suppress)
-        return real, masked
+        return real, masked, ent
 
     def _optimizer_step(self) -> float:
         params = [p for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]

@@ -39,6 +39,11 @@ def test_visual_bonus_is_capped_floored_and_gated_by_correctness():
     b = visual_bonus(d, coef=0.5, cap=1.0, correct=torch.tensor([True, True, True, False]))
     assert torch.allclose(b, torch.tensor([0.5, 0.15, 0.0, 0.0]))
     assert torch.equal(visual_bonus(d, coef=0.0, cap=1.0), torch.zeros(4))
+    # entropy guard: a collapsed response (H below the floor) earns nothing
+    b = visual_bonus(d, coef=0.5, cap=1.0, entropy=torch.tensor([0.01, 2.0, 2.0, 0.5]), min_entropy=0.5)
+    assert torch.allclose(b, torch.tensor([0.0, 0.15, 0.0, 0.15]))
+    with pytest.raises(ValueError):
+        visual_bonus(d, coef=0.5, cap=1.0, min_entropy=0.5)
 
 
 def test_dependency_metrics_only_over_image_rows():
@@ -66,8 +71,12 @@ def test_masked_image_changes_logprobs_of_image_rows_only(micro_batch, micro_mod
     from rlhf.perception import masked_image_batch
     from rlhf.workers import batch_logprobs
 
+    from rlhf.workers import batch_logprobs_entropy
+
     real = batch_logprobs(micro_model, micro_batch, 1.0, None)
     masked = batch_logprobs(micro_model, masked_image_batch(micro_batch), 1.0, None)
+    real2, ent = batch_logprobs_entropy(micro_model, micro_batch, 1.0, 2)
+    assert torch.allclose(real2, real, atol=1e-5) and bool((ent[micro_batch.response_mask > 0] > 0).all())
     d = sequence_dependency(real, masked, micro_batch.response_mask)
     has_image = torch.tensor([bool(r) for r in micro_batch.row_images])
     assert has_image.any() and (~has_image).any()

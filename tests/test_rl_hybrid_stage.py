@@ -77,7 +77,7 @@ class _Killed(Exception):
 
 
 ALL_ON = dict(
-    algo={"perception_anchor": {"kl_coef": 0.2}, "visual": {"coef": 0.5, "correct_only": False}},
+    algo={"perception_anchor": {"kl_coef": 0.2}, "visual": {"coef": 0.5, "correct_only": False, "min_entropy": 0.01}},
     reward_terms={"diversity": {"weight": 0.1}, "conciseness": {"weight": 0.1}},
     rollout={"modes": [{"name": "short", "suffix": "Answer briefly.", "max_tokens": 6}, {"name": "long", "suffix": "Think step by step.", "max_tokens": 16}]},
 )

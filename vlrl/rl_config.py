@@ -205,6 +205,9 @@ class VisualConfig(_Strict):
     cap: float = Field(0.5, gt=0, description="dependency above this earns nothing more (anti-gaming cap)")
     per: Literal["token", "sequence"] = Field("token", description="dependency as the mean per response token or the sum per sequence")
     correct_only: bool = Field(True, description="only correct responses earn the bonus (wrong image-dependent text earns nothing)")
+    min_entropy: float | None = Field(
+        None, ge=0, description="entropy guard: a response whose mean token entropy is below this earns no bonus; null = off"
+    )
     metric: bool = Field(False, description="measure visual/dependency every step even with coef 0 (two extra no-grad forwards)")
 
     @property

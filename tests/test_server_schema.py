@@ -21,6 +21,16 @@ from rollout.server.demo import write_demo_run
 from rollout.server.models import Limits
 
 TOKEN = "schema-test-token-0123456789"
+
+
+@pytest.fixture(autouse=True)
+def _ieee_floats():
+    """Hypothesis refuses to run while denormals are flushed (a process-wide CPU flag);
+    an earlier test's `DeviceSpec.configure()` in the same pytest process sets it."""
+    import torch
+
+    torch.set_flush_denormal(False)
+    yield
 STATUSES: collections.Counter = collections.Counter()
 
 

@@ -12,8 +12,11 @@ import tempfile
 from pathlib import Path
 
 import pytest
-import schemathesis
-from hypothesis import HealthCheck, settings
+import torch
+
+torch.set_flush_denormal(False)  # see _ieee_floats below; also needed while schemathesis builds strategies
+import schemathesis  # noqa: E402
+from hypothesis import HealthCheck, settings  # noqa: E402
 from schemathesis.checks import content_type_conformance, not_a_server_error, response_schema_conformance
 
 from rollout.server.app import create_app
@@ -27,8 +30,6 @@ TOKEN = "schema-test-token-0123456789"
 def _ieee_floats():
     """Hypothesis refuses to run while denormals are flushed (a process-wide CPU flag);
     an earlier test's `DeviceSpec.configure()` in the same pytest process sets it."""
-    import torch
-
     torch.set_flush_denormal(False)
     yield
 STATUSES: collections.Counter = collections.Counter()

@@ -15,20 +15,19 @@ also accepts a `state.old/` left by a kill between the two renames).
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from sft.state import swap_in
 
 STATE_FILE = "rl_state.json"
 
 
 def save_checkpoint(state_dir: Path, model: torch.nn.Module, processor, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
     tmp = state_dir.with_name(state_dir.name + ".tmp")
-    old = state_dir.with_name(state_dir.name + ".old")
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
@@ -36,17 +35,7 @@ def save_checkpoint(state_dir: Path, model: torch.nn.Module, processor, optimize
     processor.save_pretrained(tmp / "policy")
     torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
     (tmp / STATE_FILE).write_text(json.dumps(state))
-    for f in tmp.rglob("*"):
-        if f.is_file():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
-    if state_dir.exists():
-        if old.exists():
-            shutil.rmtree(old)
-        os.replace(state_dir, old)
-    os.replace(tmp, state_dir)
-    if old.exists():
-        shutil.rmtree(old)
+    swap_in(tmp, state_dir)
 
 
 def find_checkpoint(state_dir: Path) -> Path | None:

@@ -76,7 +76,6 @@ def save_hf_checkpoint(out_dir: Path, model: torch.nn.Module, processor) -> None
 def save_state(state_dir: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None, state: TrainerState) -> None:
     state_dir = Path(state_dir)
     tmp = state_dir.with_name(state_dir.name + ".tmp")
-    old = state_dir.with_name(state_dir.name + ".old")
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
@@ -84,7 +83,18 @@ def save_state(state_dir: Path, model: torch.nn.Module, optimizer: torch.optim.O
     if optimizer is not None:
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
     (tmp / "trainer_state.json").write_text(json.dumps({**asdict(state), "rng": rng_state()}))
-    _fsync_dir(tmp)
+    swap_in(tmp, state_dir)
+
+
+def swap_in(tmp: Path, state_dir: Path) -> None:
+    """Make the fully written folder `tmp` the new `state_dir`. The previous one is kept as
+    `.old` until the swap is done, so a kill at any point leaves one complete state
+    (`find_state` falls back to `.old`)."""
+    for f in tmp.rglob("*"):
+        if f.is_file():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+    old = state_dir.with_name(state_dir.name + ".old")
     if state_dir.exists():
         if old.exists():
             shutil.rmtree(old)
@@ -92,12 +102,6 @@ def save_state(state_dir: Path, model: torch.nn.Module, optimizer: torch.optim.O
     os.replace(tmp, state_dir)
     if old.exists():
         shutil.rmtree(old)
-
-
-def _fsync_dir(d: Path) -> None:
-    for f in d.iterdir():
-        with open(f, "rb") as fh:
-            os.fsync(fh.fileno())
 
 
 def find_state(state_dir: Path) -> Path | None:

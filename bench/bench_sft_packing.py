@@ -7,7 +7,7 @@ real (non-pad) tokens per second of wall time, data preparation included. Rounds
 alternate (plain, packed, plain, packed, ...) and the median of the per-round
 ratios is reported, since this machine is shared and noisy. Target: packed / plain >= 1.5.
 
-Usage: python bench/bench_sft_packing.py [--data /tmp/full1/data] [--model /tmp/full1/pretrain/checkpoint]
+Usage: python bench/bench_sft_packing.py [--data runs/tiny/data] [--model runs/tiny/pretrain/checkpoint]  (after `make demo`)
                                          [--steps 8] [--rounds 3] [--batch-size 16] [--rows 4] [--pack-length 512]
 """
 
@@ -41,8 +41,8 @@ def run(feed: Feed, forward, optimizer, steps: int) -> tuple[float, float]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--data", default="/tmp/full1/data")
-    ap.add_argument("--model", default="/tmp/full1/pretrain/checkpoint")
+    ap.add_argument("--data", default="runs/tiny/data")
+    ap.add_argument("--model", default="runs/tiny/pretrain/checkpoint")
     ap.add_argument("--steps", type=int, default=8, help="optimizer steps per mode per round")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--batch-size", type=int, default=16, help="records per unpacked batch")

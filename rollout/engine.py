@@ -46,6 +46,7 @@ no verl) and tooling can import the contract alone; engines load lazily in `make
 from __future__ import annotations
 
 import importlib
+import importlib.util
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
@@ -310,8 +311,8 @@ class RolloutEngine(ABC):
 
 # kind -> "module:Class", imported only when asked for (vllm must not be imported on CPU,
 # and transformers need not be imported by the vLLM environment's contract tests).
-ENGINES: dict[str, str] = {"hf": "rollout.hf_engine:HFEngine"}
-_PLANNED: dict[str, str] = {"vllm": "the vLLM rollout engine (accelerator issue 7)"}
+ENGINES: dict[str, str] = {"hf": "rollout.hf_engine:HFEngine", "vllm": "rollout.vllm_engine:VLLMEngine"}
+_PLANNED: dict[str, str] = {}
 
 
 def engine_class(kind: str) -> type[RolloutEngine]:
@@ -319,6 +320,12 @@ def engine_class(kind: str) -> type[RolloutEngine]:
     (so a caller can fail before starting workers that would build it)."""
     if kind in _PLANNED and kind not in ENGINES:
         raise NotAvailableYet(f"rollout engine {kind!r} is not available yet ({_PLANNED[kind]}); use engine 'hf' for now")
+    spec = importlib.util.find_spec("vllm") if kind == "vllm" else None
+    if kind == "vllm" and (spec is None or spec.origin is None):  # origin None: a stray namespace folder named vllm
+        raise NotAvailableYet(
+            "rollout engine 'vllm' is not available yet in this environment: the vllm package is not installed "
+            "(pip install -e '.[gpu]' on CUDA, '.[npu]' on Ascend; docs/backends.md); use engine 'hf'"
+        )
     if kind not in ENGINES:
         raise VlrlError(f"unknown rollout engine {kind!r}: expected one of {', '.join(sorted(set(ENGINES) | set(_PLANNED)))}")
     module, cls_name = ENGINES[kind].split(":")

@@ -218,7 +218,12 @@ _DEDUP_MODELS = ("qwen2_vl", "qwen2_5_vl")
 
 
 def _shares_images(model: torch.nn.Module, batch: PolicyBatch) -> bool:
-    if batch.pixel_values is None or model.config.model_type not in _DEDUP_MODELS:
+    """Whether to run the tower once per distinct image, outside the model's forward. Not
+    on an FSDP2-sharded model: its root parameters (the tower's among them) are gathered
+    only inside its own forward, and a tower run before it would meet shards."""
+    from torch.distributed.fsdp import FSDPModule
+
+    if batch.pixel_values is None or model.config.model_type not in _DEDUP_MODELS or isinstance(model, FSDPModule):
         return False
     used = [i for imgs in batch.row_images for i in imgs]
     return len(set(used)) < len(used)

@@ -3,7 +3,8 @@
 Layout of `<stage>/state/`:
 - `policy/`: the policy in Hugging Face format (save_pretrained + processor), so a
   checkpoint is also a model anyone can load or evaluate;
-- `optimizer.pt`: AdamW state;
+- `optimizer.pt`: AdamW state (by parameter index with one trainer rank, by parameter
+  name, gathered, with several: torch.distributed.checkpoint's full state dict);
 - `rl_state.json`: the step (completed steps), the prompt sampler's cursor, the KL
   coefficient the controller carries, the controller's RNG states, running counters.
 
@@ -26,14 +27,19 @@ from sft.state import swap_in
 STATE_FILE = "rl_state.json"
 
 
-def save_checkpoint(state_dir: Path, model: torch.nn.Module, processor, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+def save_checkpoint(
+    state_dir: Path, model: torch.nn.Module, processor, optimizer_state: dict[str, Any], state: dict[str, Any],
+    weights: dict[str, torch.Tensor] | None = None,
+) -> None:
+    """`weights`: the whole tensors by state_dict name when the model itself holds FSDP2
+    shards (gathered by the caller); None: the model's own."""
     tmp = state_dir.with_name(state_dir.name + ".tmp")
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
-    model.save_pretrained(tmp / "policy")
+    model.save_pretrained(tmp / "policy", state_dict=weights)
     processor.save_pretrained(tmp / "policy")
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    torch.save(optimizer_state, tmp / "optimizer.pt")
     (tmp / STATE_FILE).write_text(json.dumps(state))
     swap_in(tmp, state_dir)
 

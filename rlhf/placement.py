@@ -69,6 +69,10 @@ class Remote:
     def __init__(self, actor: Any) -> None:
         self.actor = actor
 
+    def submit(self, name: str, *args: Any, **kwargs: Any) -> Any:
+        """Start `name` -> its ObjectRef (not waited for)."""
+        return getattr(self.actor, name).remote(*args, **kwargs)
+
     def __getattr__(self, name: str) -> Callable[..., Any]:
         method = getattr(self.actor, name)
 
@@ -78,6 +82,77 @@ class Remote:
             return ray.get(method.remote(*args, **kwargs))
 
         return call
+
+
+class RankGroup:
+    """The N rank actors of one FSDP2 trainer, used as one worker: a call goes to every
+    rank at once (each forward and gather is a collective that needs all of them) and
+    rank 0's answer comes back; the others' answers are the same, or None."""
+
+    def __init__(self, actors: Sequence[Any]) -> None:
+        self.actors = list(actors)
+
+    def submit(self, name: str, *args: Any, **kwargs: Any) -> Any:
+        """Start `name` on every rank -> rank 0's ObjectRef (the other ranks run alongside;
+        an actor runs its calls in order, so later calls wait for them)."""
+        refs = [getattr(a, name).remote(*args, **kwargs) for a in self.actors]
+        return refs[0]
+
+    def __getattr__(self, name: str) -> Callable[..., Any]:
+        if name.startswith("__"):
+            raise AttributeError(name)
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            import ray
+
+            return ray.get([getattr(a, name).remote(*args, **kwargs) for a in self.actors])[0]
+
+        return call
+
+    def kill(self) -> None:
+        import ray
+
+        for a in self.actors:
+            ray.kill(a)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def rank_bundles(device: DeviceSpec, ranks: int) -> Any:
+    """On accelerators, a Ray placement group of one device per rank, so rank r of the
+    trainer, of the reference and rollout worker r share device r (colocate) instead of
+    Ray packing fractions of several ranks onto one device. None on CPU (nothing to place)."""
+    if device.kind == "cpu" or ranks == 1:
+        return None
+    import ray
+    from ray.util.placement_group import placement_group
+
+    key = device.ray_resource or "GPU"
+    pg = placement_group([{key: 1}] * ranks, strategy="PACK")
+    ray.get(pg.ready())
+    return pg
+
+
+def spawn_ranks(cls: type, ranks: int, placement: str, device: DeviceSpec, role: str, /, *args: Any, bundles: Any = None, **kwargs: Any) -> RankGroup:
+    """`ranks` actors of `cls`, rank r built with `rank=r, world_size=ranks` and a shared
+    master port, joined into one process group by their constructors. Single node: the
+    port is picked here, on the driver's host (a multi-node cluster is not supported yet)."""
+    import ray
+
+    port = _free_port()
+    actors = []
+    for r in range(ranks):
+        opts = _in_bundle(actor_options(device, placement, role), bundles, r)
+        actors.append(ray.remote(cls).options(max_restarts=0, max_task_retries=0, **opts).remote(
+            *args, rank=r, world_size=ranks, master_port=port, **kwargs
+        ))
+    return RankGroup(actors)
 
 
 def actor_options(device: DeviceSpec, placement: str, role: str) -> dict[str, Any]:
@@ -113,13 +188,27 @@ def check_resources(device: DeviceSpec, placement: str, roles: dict[str, int]) -
         raise VlrlError(f"placement {placement!r} cannot be scheduled ({what}); use placement colocate or fewer rollout.workers")
 
 
-def spawn(cls: type, placement: str, device: DeviceSpec, role: str, /, *args: Any, max_restarts: int = 0, **kwargs: Any) -> Any:
-    """`cls(*args, **kwargs)` in this process (inline) or as a Ray actor behind `Remote`."""
+def _in_bundle(opts: dict[str, Any], bundles: Any, index: int) -> dict[str, Any]:
+    if bundles is None:
+        return opts
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    return {**opts, "scheduling_strategy": PlacementGroupSchedulingStrategy(placement_group=bundles, placement_group_bundle_index=index)}
+
+
+def spawn(
+    cls: type, placement: str, device: DeviceSpec, role: str, /, *args: Any, max_restarts: int = 0, bundle: tuple[Any, int] | None = None,
+    **kwargs: Any,
+) -> Any:
+    """`cls(*args, **kwargs)` in this process (inline) or as a Ray actor behind `Remote`;
+    `bundle` (placement group, index): the device it shares with that trainer rank."""
     if placement == "inline":
         return cls(*args, **kwargs)
     import ray
 
     opts = actor_options(device, placement, role)
+    if bundle is not None:
+        opts = _in_bundle(opts, *bundle)
     actor = ray.remote(cls).options(max_restarts=max_restarts, max_task_retries=0, **opts).remote(*args, **kwargs)
     return Remote(actor)
 
@@ -267,9 +356,13 @@ def make_rollout_pool(
     current_weights: Callable[[], tuple[Any, int]],
     retries: int,
     suppress: tuple[int, ...] = (),
+    bundles: Any = None,
+    ranks: int = 1,
 ) -> RolloutPool:
     """Rollout workers built from the starting checkpoint at version 0. `suppress`: token
-    ids the engines never sample (engine option `suppress_token_ids`)."""
+    ids the engines never sample (engine option `suppress_token_ids`). `bundles`: the
+    trainer ranks' placement group (colocate on accelerators): worker i shares rank
+    i mod `ranks`'s device."""
     engine_class(cfg_rollout.engine)  # an unknown or planned kind fails here, not in an actor
     opts: dict[str, Any] = dict(suppress_token_ids=list(suppress))
     if cfg_rollout.engine == "hf":
@@ -277,7 +370,8 @@ def make_rollout_pool(
     opts.update(cfg_rollout.engine_options)
     workers = [
         spawn(RolloutWorker, placement, device, "rollout", cfg_rollout.engine, str(model_path), device=device.kind, version=0,
-              threads=threads, options=opts, max_restarts=max(retries, 1) if placement != "inline" else 0)
-        for _ in range(cfg_rollout.workers)
+              threads=threads, options=opts, max_restarts=max(retries, 1) if placement != "inline" else 0,
+              bundle=None if bundles is None else (bundles, i % ranks))
+        for i in range(cfg_rollout.workers)
     ]
     return RolloutPool(workers, remote=placement != "inline", current_weights=current_weights, retries=retries)

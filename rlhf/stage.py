@@ -39,7 +39,7 @@ from rlhf.batch import build_policy_batch
 from rlhf.checkpoint import read_checkpoint
 from sft.state import rng_state, set_rng_state
 from rlhf.curriculum import PromptCurriculum
-from rlhf.placement import check_resources, make_rollout_pool, spawn, start_ray, stop_ray
+from rlhf.placement import RankGroup, check_resources, make_rollout_pool, rank_bundles, spawn, spawn_ranks, start_ray, stop_ray
 from rlhf.workers import PolicyTrainer, ReferenceWorker, RewardWorker
 from rollout.engine import Completion, GenerationRequest, SamplingParams
 from rollout.store import RolloutRow, RolloutStatus, RolloutStore
@@ -133,22 +133,38 @@ class Controller:
     def _start_workers(self, start_path, checkpoint, reward_cfg, suppress: tuple[int, ...]) -> None:
         ctx, cfg, device = self.ctx, self.cfg, self.ctx.device
         threads = ctx.recipe.threads or os.cpu_count()
+        ranks = cfg.trainer_ranks
         roles = {"rollout": cfg.rollout.workers}
         if cfg.placement == "split":
-            roles.update(trainer=1, reward=1, reference=int(cfg.use_reference))
+            roles.update(trainer=ranks, reward=1, reference=ranks * int(cfg.use_reference))
         check_resources(device, cfg.placement, roles)
+        # Several trainer ranks colocated on accelerators: one device per rank, shared in
+        # turns by that rank's trainer, reference and rollout worker(s).
+        self.bundles = rank_bundles(device, ranks) if cfg.placement == "colocate" else None
         # Rollout actors first: Ray brings them up in the background while the trainer loads
         # here. They load the stage's input (version 0) and get resumed weights below.
         self.pool = make_rollout_pool(
             cfg.rollout, cfg.placement, device, str(ctx.inputs["from"]), threads=threads,
-            current_weights=self._full_weights, retries=cfg.rollout_retries, suppress=suppress,
+            current_weights=self._full_weights, retries=cfg.rollout_retries, suppress=suppress, bundles=self.bundles, ranks=ranks,
         )
+        common = dict(
+            device=device.kind, temperature=cfg.rollout.temperature, micro_batch_size=cfg.micro_batch_size, threads=threads, suppress=suppress,
+            dtype=None if cfg.dtype == "float32" else cfg.dtype, gradient_checkpointing=cfg.gradient_checkpointing,
+        )
+        policy = dict(algo=cfg.algo, optim=cfg.optim, trainable=cfg.trainable)
         where = "split" if cfg.placement == "split" else "inline"  # colocate: in this process
-        common = dict(device=device.kind, temperature=cfg.rollout.temperature, micro_batch_size=cfg.micro_batch_size, threads=threads, suppress=suppress)
-        self.trainer = spawn(PolicyTrainer, where, device, "trainer", str(start_path), algo=cfg.algo, optim=cfg.optim, trainable=cfg.trainable, **common)
+        if ranks > 1:  # FSDP2: each rank its own actor, whatever the placement
+            common["threads"] = max(1, threads // ranks) if device.kind == "cpu" else threads
+            self.trainer = spawn_ranks(PolicyTrainer, ranks, cfg.placement, device, "trainer", str(start_path), bundles=self.bundles, **policy, **common)
+            self.reference = (
+                spawn_ranks(ReferenceWorker, ranks, cfg.placement, device, "reference", str(ctx.inputs["from"]), bundles=self.bundles, **common)
+                if cfg.use_reference else None
+            )
+        else:
+            self.trainer = spawn(PolicyTrainer, where, device, "trainer", str(start_path), **policy, **common)
+            self.reference = spawn(ReferenceWorker, where, device, "reference", str(ctx.inputs["from"]), **common) if cfg.use_reference else None
         if checkpoint is not None:
             self.trainer.load_optimizer(checkpoint / "optimizer.pt")
-        self.reference = spawn(ReferenceWorker, where, device, "reference", str(ctx.inputs["from"]), **common) if cfg.use_reference else None
         self.rewards = spawn(RewardWorker, where, device, "reward", reward_cfg)
         self.pool.wait_ready()
         self.store = RolloutStore.in_dir(ctx.dir)
@@ -164,8 +180,8 @@ class Controller:
         """What a sync sends: tensors (inline), packed numpy (colocate) or an object ref (split)."""
         if self.placement == "inline":
             return self.trainer.all_weights() if full else self.trainer.trained_weights()
-        if self.placement == "split":
-            return self.trainer.actor.packed.remote(full)
+        if self.placement == "split" or self.cfg.trainer_ranks > 1:
+            return self.trainer.submit("packed", full)  # an object ref: the trainer put it in the store
         return self.trainer.packed(full)
 
     def _full_weights(self) -> tuple[Any, int]:
@@ -426,7 +442,9 @@ class Controller:
         self.trainer.save_checkpoint(self.state_dir, state)
 
     def close(self) -> None:
-        for closer in (lambda: self.tracker.close(), lambda: self.store.close(), lambda: self.rewards.close(), lambda: self.pool.close()):
+        closers = [lambda: self.tracker.close(), lambda: self.store.close(), lambda: self.rewards.close(), lambda: self.pool.close()]
+        closers += [lambda w=w: w.kill() for w in (getattr(self, "trainer", None), getattr(self, "reference", None)) if isinstance(w, RankGroup)]
+        for closer in closers:
             try:
                 closer()
             except Exception:  # noqa: BLE001 - teardown must not hide the stage's own error

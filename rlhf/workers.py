@@ -53,25 +53,70 @@ def _widen(x: torch.Tensor, width: int) -> torch.Tensor:
     return torch.nn.functional.pad(x, (0, width - x.shape[1]))
 
 
+def _micro_batches(rows: torch.Tensor, size: int | None, ranks: "Ranks") -> list[tuple[torch.Tensor, bool]]:
+    """This rank's micro-batches of `rows` -> [(rows, real?)]; one rank: all of them, all real."""
+    if ranks.world == 1:
+        return [(c, True) for c in _chunks(rows, size)]
+    from rlhf.fsdp import rank_chunks
+
+    return rank_chunks(rows, size, ranks.rank, ranks.world)
+
+
+class Ranks:
+    """Where this trainer process sits among the FSDP2 ranks (world 1: no process group)."""
+
+    def __init__(self, rank: int = 0, world: int = 1, device: torch.device | None = None) -> None:
+        self.rank, self.world, self.device = rank, world, device or torch.device("cpu")
+
+
+_SINGLE = Ranks()
+
+
 @torch.no_grad()
-def batch_logprobs(model: torch.nn.Module, batch: PolicyBatch, temperature: float, micro_batch_size: int | None, suppress=()) -> torch.Tensor:
+def batch_logprobs(
+    model: torch.nn.Module, batch: PolicyBatch, temperature: float, micro_batch_size: int | None, suppress=(), ranks: Ranks = _SINGLE
+) -> torch.Tensor:
     """log pi(response tokens) (B, R) without gradient, in length-sorted micro-batches."""
-    return batch_logprobs_entropy(model, batch, temperature, micro_batch_size, suppress, entropy=False)[0]
+    return batch_logprobs_entropy(model, batch, temperature, micro_batch_size, suppress, entropy=False, ranks=ranks)[0]
 
 
 @torch.no_grad()
 def batch_logprobs_entropy(
-    model: torch.nn.Module, batch: PolicyBatch, temperature: float, micro_batch_size: int | None, suppress=(), *, entropy: bool = True
+    model: torch.nn.Module, batch: PolicyBatch, temperature: float, micro_batch_size: int | None, suppress=(), *, entropy: bool = True,
+    ranks: Ranks = _SINGLE,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(log pi(response tokens) (B, R), token entropy (B, R) or None) without gradient."""
+    """(log pi(response tokens) (B, R), token entropy (B, R) or None) without gradient.
+    Across ranks each computes its share of rows and the shares are summed into the whole."""
     out = torch.zeros(batch.rows, batch.response_width)
     ent = torch.zeros(batch.rows, batch.response_width) if entropy else None
-    for rows in _chunks(_by_length(batch, torch.arange(batch.rows)), micro_batch_size):
+    for rows, real in _micro_batches(_by_length(batch, torch.arange(batch.rows)), micro_batch_size, ranks):
         lp, e = response_logprobs(model, batch.select(rows, trim=True), temperature, entropy=entropy, suppress=suppress)
+        if not real:
+            continue  # a filler forward that keeps the ranks' collectives in step
         out[rows] = _widen(lp.cpu(), batch.response_width)
         if ent is not None:
             ent[rows] = _widen(e.cpu(), batch.response_width)
+    if ranks.world > 1:
+        from rlhf.fsdp import all_rows
+
+        out = all_rows(out, ranks.device)
+        ent = None if ent is None else all_rows(ent, ranks.device)
     return out, ent
+
+
+def _load_for_ranks(model_path, device: str, *, dtype: str | None, trainable: bool, rank: int, world: int, master_port: int | None):
+    """The model on this process's device; with world > 1 this process joins the
+    trainers' process group first (which picks its device). Shard it with
+    `rlhf.fsdp.shard_model` once trainability is set. -> (model, Ranks)."""
+    from vlrl.model.loading import load_model
+
+    if world > 1:
+        from rlhf.fsdp import init_process_group
+        from vlrl.device import resolve_device
+
+        init_process_group(resolve_device(device), rank, world, master_port=master_port or 29511)
+    model = load_model(model_path, device=device, dtype=dtype, trainable=trainable)
+    return model, Ranks(rank, world, next(model.parameters()).device)
 
 
 class PolicyTrainer:
@@ -89,16 +134,32 @@ class PolicyTrainer:
         micro_batch_size: int | None = None,
         threads: int | None = None,
         suppress: tuple[int, ...] = (),
+        dtype: str | None = None,
+        gradient_checkpointing: bool = False,
+        rank: int = 0,
+        world_size: int = 1,
+        master_port: int | None = None,
     ) -> None:
-        """`suppress`: token ids the sampler never draws (masked here too, see rlhf.batch)."""
-        from vlrl.model.loading import component_of, load_model, load_processor, set_trainable
+        """`suppress`: token ids the sampler never draws (masked here too, see rlhf.batch).
+        `rank`/`world_size`: this process's place among the FSDP2 trainer ranks (each
+        rank is built with the same arguments and every method is called on all of them)."""
+        from vlrl.model.loading import component_of, load_processor, set_trainable
 
         if threads is not None:
             torch.set_num_threads(threads)
-        self.model = load_model(model_path, device=device)
+        self.model, self.ranks = _load_for_ranks(
+            model_path, device, dtype=dtype, trainable=True, rank=rank, world=world_size, master_port=master_port
+        )
         self.processor = load_processor(model_path)
         set_trainable(self.model, TRAINABLE[trainable])
+        if gradient_checkpointing:
+            self.model.gradient_checkpointing_enable()
         self.model.train()
+        if world_size > 1:
+            from rlhf.fsdp import shard_model
+            from vlrl.device import resolve_device
+
+            shard_model(self.model, resolve_device(device))  # before the optimizer: it must see the shards
         self.optimizer = make_optimizer(self.model.named_parameters(), optim, component_of)
         self.algo, self.optim, self.temperature, self.micro_batch_size = algo, optim, temperature, micro_batch_size
         self.suppress = tuple(suppress)
@@ -125,7 +186,7 @@ class PolicyTrainer:
         correct = batch.rollout_logprobs is not None and (cfg.mismatch.is_level is not None or cfg.mismatch.rejection is not None)
         old, is_weights, metrics = None, None, {}
         if len(mbs) > 1 or correct:
-            old = batch_logprobs(self.model, batch, self.temperature, self.micro_batch_size, self.suppress)
+            old = batch_logprobs(self.model, batch, self.temperature, self.micro_batch_size, self.suppress, self.ranks)
         if correct:
             is_weights, mask, metrics = A.rollout_correction(old, batch.rollout_logprobs, mask, cfg.mismatch)
         # Dr.GRPO's divisor defaults to the padded width: keep it, do not trim responses then.
@@ -138,7 +199,7 @@ class PolicyTrainer:
             anchor_norm = A.LossNorm.of(mask[mb.indices] * perception_rows[mb.indices, None]) if anchor_on else None
             anchor_mb = anchor_on and bool(anchor_norm.batch_num_tokens)  # no perception tokens: no anchor term
             sums: dict[str, list[float]] = collections.defaultdict(list)
-            for rows in _chunks(_by_length(batch, mb.indices), self.micro_batch_size):
+            for rows, real in _micro_batches(_by_length(batch, mb.indices), self.micro_batch_size, self.ranks):
                 sub = batch.select(rows).trimmed(trim_responses)
                 r = sub.response_width
 
@@ -163,17 +224,37 @@ class PolicyTrainer:
                     anchor_rows=perception_rows[rows].to(logp.device) if anchor_mb else None,
                     anchor_norm=anchor_norm,
                 )
+                if self.ranks.world > 1:
+                    from rlhf.fsdp import keep_grads_defined
+
+                    # FSDP2 averages gradients over ranks; the loss is already this rank's
+                    # share of the global token mean, so scale the average back to a sum.
+                    loss = loss * (self.ranks.world if real else 0.0) + keep_grads_defined(self.model)
                 loss.backward()
+                if not real:
+                    continue
                 tokens += sub.tokens()
                 for k, v in m.items():
                     sums[k].append(v)
             grad_norms.append(self._optimizer_step())
+            if self.ranks.world > 1:
+                from rlhf.fsdp import gather_objects
+
+                merged: dict[str, list[float]] = collections.defaultdict(list)
+                for part in gather_objects(dict(sums)):
+                    for k, v in part.items():
+                        merged[k].extend(v)
+                sums = merged
             per_mb.append({k: (sum(v) if k in _ADDITIVE else sum(v) / len(v)) for k, v in sums.items()})
         for k in per_mb[0]:
             vals = [m[k] for m in per_mb if k in m and m[k] is not None and math.isfinite(m[k])]
             if vals:
                 metrics[k] = sum(vals) / len(vals)
         seconds = time.perf_counter() - t0
+        if self.ranks.world > 1:
+            from rlhf.fsdp import gather_objects
+
+            tokens = sum(gather_objects(tokens))
         metrics.update(
             {
                 "actor/grad_norm": sum(grad_norms) / len(grad_norms),
@@ -191,47 +272,95 @@ class PolicyTrainer:
         entropy guard (rlhf/perception.py)."""
         from rlhf.perception import masked_image_batch
 
-        real, ent = batch_logprobs_entropy(self.model, batch, self.temperature, self.micro_batch_size, self.suppress)
-        masked = batch_logprobs(self.model, masked_image_batch(batch), self.temperature, self.micro_batch_size, self.suppress)
+        real, ent = batch_logprobs_entropy(self.model, batch, self.temperature, self.micro_batch_size, self.suppress, ranks=self.ranks)
+        masked = batch_logprobs(self.model, masked_image_batch(batch), self.temperature, self.micro_batch_size, self.suppress, self.ranks)
         return real, masked, ent
 
     def _optimizer_step(self) -> float:
         params = [p for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
-        if self.optim.grad_clip:
-            norm = float(torch.nn.utils.clip_grad_norm_(params, self.optim.grad_clip, foreach=True))
+        if not params:
+            norm = 0.0
         else:
-            norm = float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params]))) if params else 0.0
+            # max_norm inf: the total norm without clipping (over DTensor shards too).
+            total = torch.nn.utils.clip_grad_norm_(params, self.optim.grad_clip or math.inf, foreach=True)
+            norm = float(total.full_tensor() if hasattr(total, "full_tensor") else total)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return norm
 
     # -- weights --------------------------------------------------------------
     def trained_weights(self) -> dict[str, torch.Tensor]:
-        """The tensors an update can change (what a weight sync sends)."""
-        return {n: p.detach() for n, p in self.model.named_parameters() if p.requires_grad}
+        """The tensors an update can change (what a weight sync sends); gathered from the
+        shards across ranks (a collective: call on every rank)."""
+        return {n: _full(p) for n, p in self.model.named_parameters() if p.requires_grad}
 
     def all_weights(self) -> dict[str, torch.Tensor]:
         """Every tensor (for a rollout worker that restarted from the initial checkpoint)."""
-        return {n: t.detach() for n, t in self.model.state_dict().items()}
+        return {n: _full(t) for n, t in self.model.state_dict().items()}
+
+    def _weights_to_save(self) -> dict[str, torch.Tensor]:
+        """Gathered tensors without the second names of tied ones (lm_head = embeddings),
+        as save_pretrained writes a whole model (collective)."""
+        every = {n for n, _ in self.model.named_parameters(remove_duplicate=False)}
+        tied = every - {n for n, _ in self.model.named_parameters()}
+        return {n: t for n, t in self.all_weights().items() if n not in tied}
 
     def packed(self, full: bool = False):
+        """Packed weights for the rollout workers; on ranks other than 0, None (they only
+        take part in the gather)."""
         from rollout.weight_sync import pack
 
-        return pack(self.all_weights() if full else self.trained_weights())
+        weights = self.all_weights() if full else self.trained_weights()
+        return pack(weights) if self.ranks.rank == 0 else None
 
     # -- checkpoints ----------------------------------------------------------
     def save_checkpoint(self, state_dir: Path, state: dict[str, Any]) -> None:
+        """Collective across ranks: rank 0 writes the gathered model and optimizer state."""
         from rlhf.checkpoint import save_checkpoint
 
-        save_checkpoint(Path(state_dir), self.model, self.processor, self.optimizer, state)
+        if self.ranks.world == 1:
+            save_checkpoint(Path(state_dir), self.model, self.processor, self.optimizer.state_dict(), state)
+            return
+        import torch.distributed as dist
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        weights = self._weights_to_save()
+        optim = get_optimizer_state_dict(self.model, self.optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if self.ranks.rank == 0:
+            save_checkpoint(Path(state_dir), self.model, self.processor, optim, {**state, "trainer_ranks": self.ranks.world}, weights=weights)
+        dist.barrier()
 
     def load_optimizer(self, path: Path) -> None:
-        self.optimizer.load_state_dict(torch.load(path, weights_only=True))
+        saved = torch.load(path, weights_only=True)
+        by_name = any(isinstance(k, str) for k in saved.get("state", {}))  # written by a multi-rank run
+        if by_name != (self.ranks.world > 1):
+            raise RuntimeError(
+                f"{path}: optimizer state written with trainer_ranks {'>1' if by_name else '1'}, "
+                f"but this run has trainer_ranks {self.ranks.world}; resume with the same trainer_ranks"
+            )
+        if self.ranks.world == 1:
+            self.optimizer.load_state_dict(saved)
+            return
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        set_optimizer_state_dict(self.model, self.optimizer, saved, options=StateDictOptions(full_state_dict=True))
 
     def save_pretrained(self, out_dir: Path) -> None:
+        """Collective across ranks; rank 0 writes."""
         from sft.state import save_hf_checkpoint
 
-        save_hf_checkpoint(Path(out_dir), self.model, self.processor)
+        weights = self._weights_to_save() if self.ranks.world > 1 else None
+        if self.ranks.rank == 0:
+            save_hf_checkpoint(Path(out_dir), self.model, self.processor, weights=weights)
+        if self.ranks.world > 1:
+            import torch.distributed as dist
+
+            dist.barrier()
+
+
+def _full(t: torch.Tensor) -> torch.Tensor:
+    """A detached whole tensor: an FSDP2 shard (DTensor) is gathered first (collective)."""
+    return (t.full_tensor() if hasattr(t, "full_tensor") else t).detach()
 
 
 class ReferenceWorker:
@@ -239,17 +368,24 @@ class ReferenceWorker:
 
     def __init__(
         self, model_path: str | Path, *, device: str, temperature: float = 1.0, micro_batch_size: int | None = None,
-        threads: int | None = None, suppress: tuple[int, ...] = (),
+        threads: int | None = None, suppress: tuple[int, ...] = (), dtype: str | None = None, gradient_checkpointing: bool = False,
+        rank: int = 0, world_size: int = 1, master_port: int | None = None,
     ):
-        from vlrl.model.loading import load_model
-
+        """`gradient_checkpointing` is accepted for symmetry with the trainer and ignored (no backward here)."""
         if threads is not None:
             torch.set_num_threads(threads)
-        self.model = load_model(model_path, device=device, trainable=False)
+        self.model, self.ranks = _load_for_ranks(
+            model_path, device, dtype=dtype, trainable=False, rank=rank, world=world_size, master_port=master_port
+        )
+        if world_size > 1:
+            from rlhf.fsdp import shard_model
+            from vlrl.device import resolve_device
+
+            shard_model(self.model, resolve_device(device))
         self.temperature, self.micro_batch_size, self.suppress = temperature, micro_batch_size, tuple(suppress)
 
     def logprobs(self, batch: PolicyBatch) -> torch.Tensor:
-        return batch_logprobs(self.model, batch, self.temperature, self.micro_batch_size, self.suppress)
+        return batch_logprobs(self.model, batch, self.temperature, self.micro_batch_size, self.suppress, self.ranks)
 
 
 class RewardWorker:

@@ -59,14 +59,15 @@ def set_rng_state(st: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in st["cuda"]])
 
 
-def save_hf_checkpoint(out_dir: Path, model: torch.nn.Module, processor) -> None:
+def save_hf_checkpoint(out_dir: Path, model: torch.nn.Module, processor, weights: dict[str, torch.Tensor] | None = None) -> None:
     """Model + processor in Hugging Face format, written beside and renamed into place,
-    so a reader never sees half a checkpoint."""
+    so a reader never sees half a checkpoint. `weights`: gathered tensors to write
+    instead of the model's own (an FSDP2-sharded model)."""
     out_dir = Path(out_dir)
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     if tmp.exists():
         shutil.rmtree(tmp)
-    model.save_pretrained(tmp)
+    model.save_pretrained(tmp, state_dict=weights)
     processor.save_pretrained(tmp)
     if out_dir.exists():
         shutil.rmtree(out_dir)

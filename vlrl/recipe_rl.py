@@ -126,6 +126,13 @@ class RlStage(_StageBase):
         16, ge=1, description="rows per forward/backward; rows are sorted by length into micro-batches, so padding stays small; null = a whole mini-batch"
     )
     curriculum: CurriculumSpec = Field(default_factory=CurriculumSpec)
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32", description="parameter dtype of the trainer and reference (bfloat16 for real models on GPU/NPU)"
+    )
+    gradient_checkpointing: bool = Field(False, description="recompute activations in backward (real models: memory for compute)")
+    trainer_ranks: int = Field(
+        1, ge=1, description="FSDP2 ranks of the policy and reference trainers, each a Ray actor with one device; >1 needs placement colocate or split"
+    )
     placement: Literal["colocate", "split", "inline"] = Field(
         "colocate",
         description="colocate: rollout workers are Ray actors, trainer/reference/rewards share the controller's process and the device in turns; "
@@ -142,6 +149,12 @@ class RlStage(_StageBase):
             raise ValueError("algo.kl is enabled (coef > 0) but reference is off: set reference to auto/on, or algo.kl.coef to 0")
         if self.reference == "off" and self.algo.perception_anchor.kl_coef > 0:
             raise ValueError("algo.perception_anchor.kl_coef > 0 needs the reference model, but reference is off: set reference to auto/on")
+        return self
+
+    @model_validator(mode="after")
+    def _ranks_need_ray(self) -> "RlStage":
+        if self.trainer_ranks > 1 and self.placement == "inline":
+            raise ValueError(f"trainer_ranks {self.trainer_ranks} needs Ray actors (one per rank): set placement to colocate or split")
         return self
 
     @property

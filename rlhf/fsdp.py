@@ -105,21 +105,31 @@ def gather_objects(obj):
     return out
 
 
-def shard_model(model: nn.Module, device: DeviceSpec, *, unit_classes: Iterable[str] | None = None, reshard_after_forward: bool = True) -> nn.Module:
+def shard_model(
+    model: nn.Module, device: DeviceSpec, *, unit_classes: Iterable[str] | None = None, reshard_after_forward: bool = True,
+    compute_dtype: torch.dtype | None = None,
+) -> nn.Module:
     """Shard `model` in place across the default process group's ranks (one mesh
     dimension, data parallel); returns it. Call after `init_process_group` and before
-    building the optimizer (the optimizer must see the sharded parameters)."""
+    building the optimizer (the optimizer must see the sharded parameters).
+
+    `compute_dtype` (e.g. bfloat16) with float32 parameters: FSDP2 gathers the shards cast
+    to it for forward/backward and reduces gradients in float32, so the optimizer updates
+    float32 master weights (a bf16 weight would drop most updates at RL learning rates)."""
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     if not dist.is_initialized():
         raise RuntimeError("shard_model needs an initialised process group (rlhf.fsdp.init_process_group)")
     mesh = init_device_mesh(device.kind, (dist.get_world_size(),))
+    extra = {}
+    if compute_dtype is not None and compute_dtype != torch.float32:
+        extra["mp_policy"] = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
     for unit in _units(model, unit_classes):
-        fully_shard(unit, mesh=mesh, reshard_after_forward=reshard_after_forward)
+        fully_shard(unit, mesh=mesh, reshard_after_forward=reshard_after_forward, **extra)
     # The root (embeddings, head, vision tower) stays gathered from its forward to its
     # backward: the backward needs it at once, and `keep_grads_defined` reaches it then.
-    fully_shard(model, mesh=mesh, reshard_after_forward=False)
+    fully_shard(model, mesh=mesh, reshard_after_forward=False, **extra)
     return model
 
 

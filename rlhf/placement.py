@@ -304,6 +304,22 @@ class RolloutPool:
                     self._resync(w)  # a restarted worker gets the full current weights instead
                     break
 
+    def sleep(self, level: int = 1) -> None:
+        """Every engine frees its device memory (level 1: weights to host, KV cache dropped)."""
+        self._all("sleep", level)
+
+    def wake(self) -> None:
+        self._all("wake")
+
+    def _all(self, name: str, *args: Any) -> None:
+        if not self.remote:
+            for w in self.workers:
+                getattr(w, name)(*args)
+            return
+        import ray
+
+        ray.get([getattr(w.actor, name).remote(*args) for w in self.workers])
+
     def versions(self) -> list[int]:
         return [w.version() for w in self.workers]
 

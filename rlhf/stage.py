@@ -134,6 +134,9 @@ class Controller:
         ctx, cfg, device = self.ctx, self.cfg, self.ctx.device
         threads = ctx.recipe.threads or os.cpu_count()
         ranks = cfg.trainer_ranks
+        # Colocated on an accelerator, the engines sleep (weights offloaded, KV cache freed)
+        # while the trainer works; on CPU there is nothing to free.
+        self.swap_engines = cfg.placement == "colocate" and device.kind != "cpu"
         roles = {"rollout": cfg.rollout.workers}
         if cfg.placement == "split":
             roles.update(trainer=ranks, reward=1, reference=ranks * int(cfg.use_reference))
@@ -149,7 +152,7 @@ class Controller:
         )
         common = dict(
             device=device.kind, temperature=cfg.rollout.temperature, micro_batch_size=cfg.micro_batch_size, threads=threads, suppress=suppress,
-            dtype=None if cfg.dtype == "float32" else cfg.dtype, gradient_checkpointing=cfg.gradient_checkpointing,
+            dtype=cfg.dtype, gradient_checkpointing=cfg.gradient_checkpointing,
         )
         policy = dict(algo=cfg.algo, optim=cfg.optim, trainable=cfg.trainable)
         where = "split" if cfg.placement == "split" else "inline"  # colocate: in this process
@@ -192,6 +195,9 @@ class Controller:
         cfg, timer = self.cfg, Timer()
         t0 = time.perf_counter()
         groups, rounds, sampling = self._collect(s, timer)
+        if self.swap_engines:
+            with timer("sync"):
+                self.pool.sleep()  # the engines' device memory goes to the trainer until the sync
         kept = [g for g in groups if g.kept]
         rows = [(g, j) for g in kept for j in range(len(g.completions))]
         with timer("prepare"):
@@ -229,6 +235,8 @@ class Controller:
                     self.trainer.update(batch, adv, ref_logprobs=ref, kl_coef=self.kl_coef, lr=lr_at(s, cfg.steps, cfg.optim), step=s, **extra_kw)
                 )
         with timer("sync"):  # an update-free step still moves the version: the weights of version s+1 are those of s
+            if self.swap_engines:
+                self.pool.wake()
             self.pool.sync(self._weights() if learn else {}, s + 1)
             self.version = s + 1
         with timer("store"):

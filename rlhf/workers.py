@@ -18,6 +18,7 @@ The trainer's update, where it departs from verl's actor:
 from __future__ import annotations
 
 import collections
+import contextlib
 import math
 import time
 from pathlib import Path
@@ -147,9 +148,12 @@ class PolicyTrainer:
 
         if threads is not None:
             torch.set_num_threads(threads)
+        # Parameters (and so AdamW's update) in float32 whatever `dtype` says: `dtype` is the
+        # compute dtype, applied by FSDP2's mixed precision or by autocast on one rank.
         self.model, self.ranks = _load_for_ranks(
-            model_path, device, dtype=dtype, trainable=True, rank=rank, world=world_size, master_port=master_port
+            model_path, device, dtype="float32", trainable=True, rank=rank, world=world_size, master_port=master_port
         )
+        self.compute_dtype = _compute_dtype(dtype, device)
         self.processor = load_processor(model_path)
         set_trainable(self.model, TRAINABLE[trainable])
         if gradient_checkpointing:
@@ -159,13 +163,25 @@ class PolicyTrainer:
             from rlhf.fsdp import shard_model
             from vlrl.device import resolve_device
 
-            shard_model(self.model, resolve_device(device))  # before the optimizer: it must see the shards
+            # Before the optimizer: it must see the shards.
+            shard_model(self.model, resolve_device(device), compute_dtype=self.compute_dtype)
         self.optimizer = make_optimizer(self.model.named_parameters(), optim, component_of)
         self.algo, self.optim, self.temperature, self.micro_batch_size = algo, optim, temperature, micro_batch_size
         self.suppress = tuple(suppress)
 
+    def _autocast(self):
+        """One rank computing below float32: autocast over float32 parameters (several
+        ranks get the same from FSDP2's mixed precision instead)."""
+        if self.ranks.world == 1 and self.compute_dtype != torch.float32:
+            return torch.autocast(self.ranks.device.type, dtype=self.compute_dtype)
+        return contextlib.nullcontext()
+
     # -- the update ---------------------------------------------------------
-    def update(
+    def update(self, *args: Any, **kwargs: Any) -> dict[str, float]:
+        with self._autocast():
+            return self._update(*args, **kwargs)
+
+    def _update(
         self,
         batch: PolicyBatch,
         advantages: torch.Tensor,  # (B, R)
@@ -272,6 +288,10 @@ class PolicyTrainer:
         entropy guard (rlhf/perception.py)."""
         from rlhf.perception import masked_image_batch
 
+        with self._autocast():
+            return self._visual_logprobs(batch, masked_image_batch)
+
+    def _visual_logprobs(self, batch: PolicyBatch, masked_image_batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         real, ent = batch_logprobs_entropy(self.model, batch, self.temperature, self.micro_batch_size, self.suppress, ranks=self.ranks)
         masked = batch_logprobs(self.model, masked_image_batch(batch), self.temperature, self.micro_batch_size, self.suppress, self.ranks)
         return real, masked, ent
@@ -310,8 +330,16 @@ class PolicyTrainer:
         take part in the gather)."""
         from rollout.weight_sync import pack
 
-        weights = self.all_weights() if full else self.trained_weights()
-        return pack(weights) if self.ranks.rank == 0 else None
+        items = self.model.state_dict().items() if full else ((n, p) for n, p in self.model.named_parameters() if p.requires_grad)
+        if self.ranks.world == 1:
+            return pack(items)
+        # One tensor gathered at a time and moved to host at once (pack does both), so no
+        # rank ever holds a second whole model on the device; the other ranks only take part.
+        if self.ranks.rank == 0:
+            return pack(items)
+        for _, t in items:
+            _full(t)
+        return None
 
     # -- checkpoints ----------------------------------------------------------
     def save_checkpoint(self, state_dir: Path, state: dict[str, Any]) -> None:
@@ -356,6 +384,13 @@ class PolicyTrainer:
             import torch.distributed as dist
 
             dist.barrier()
+
+
+def _compute_dtype(dtype: str | None, device: str) -> torch.dtype:
+    from vlrl.device import resolve_device
+    from vlrl.model.loading import default_dtype
+
+    return getattr(torch, dtype) if dtype else default_dtype(resolve_device(device).kind)
 
 
 def _full(t: torch.Tensor) -> torch.Tensor:

@@ -127,7 +127,7 @@ class RlStage(_StageBase):
     )
     curriculum: CurriculumSpec = Field(default_factory=CurriculumSpec)
     dtype: Literal["float32", "bfloat16", "float16"] = Field(
-        "float32", description="parameter dtype of the trainer and reference (bfloat16 for real models on GPU/NPU)"
+        "float32", description="compute dtype of the trainer and reference (bfloat16 for real models on GPU/NPU); the trainer keeps float32 parameters and AdamW state"
     )
     gradient_checkpointing: bool = Field(False, description="recompute activations in backward (real models: memory for compute)")
     trainer_ranks: int = Field(

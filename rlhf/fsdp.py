@@ -12,7 +12,6 @@ NPU), so the same code runs on every backend; only the CPU/gloo path is tested h
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterable
 
 import torch
@@ -26,11 +25,11 @@ def init_process_group(device: DeviceSpec, rank: int, world_size: int, master_ad
     """Join the trainers' process group with the device's backend (idempotent)."""
     if dist.is_initialized():
         return
-    os.environ.setdefault("MASTER_ADDR", master_addr)
-    os.environ.setdefault("MASTER_PORT", str(master_port))
     if device.kind != "cpu":
         getattr(torch, device.kind).set_device(rank % max(device.count, 1))
-    dist.init_process_group(device.dist_backend, rank=rank, world_size=world_size)
+    # An explicit address, not MASTER_ADDR/MASTER_PORT: a launcher's variables must not
+    # send the policy's and the reference's groups to one port.
+    dist.init_process_group(device.dist_backend, init_method=f"tcp://{master_addr}:{master_port}", rank=rank, world_size=world_size)
 
 
 def _units(model: nn.Module, classes: Iterable[str] | None) -> list[nn.Module]:

@@ -14,7 +14,6 @@ absolute on weights (AdamW moves each by ~lr = 1e-3, so a wrong gradient fails) 
 
 from __future__ import annotations
 
-import os
 import socket
 
 import numpy as np
@@ -69,7 +68,6 @@ def _rank_main(rank: int, world: int, port: int, model_dir: str, out_path: str) 
     from vlrl.model.loading import load_model, load_processor
 
     torch.set_num_threads(1)
-    os.environ["MASTER_PORT"] = str(port)
     device = resolve_device("cpu")
     init_process_group(device, rank, world, master_port=port)
     model = load_model(model_dir, device="cpu")

@@ -44,6 +44,12 @@ class DataStage(_StageBase):
     mix: dict[str, float] | None = Field(None, description="share of each family in the generated data")
 
 
+class VisionPretrainSpec(_Strict):
+    steps: int = Field(400, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    batch_size: int = Field(32, ge=1)
+
+
 class ModelStage(_StageBase):
     """Builds the in-repo tiny model, or points at a local Hugging Face checkpoint."""
 
@@ -52,6 +58,16 @@ class ModelStage(_StageBase):
     path: str | None = Field(None, description="a local checkpoint folder (e.g. Qwen2.5-VL-3B-Instruct) instead of a tiny model")
     corpus_size: int = Field(20000, ge=100, description="texts for training the tiny tokenizer")
     seed: int = 0
+    vision_pretrain: VisionPretrainSpec | None = Field(
+        None, description="tiny model only: pretrain the vision tower on scene labels (vlrl/model/vision_pretrain.py), as real VLMs start from a pretrained ViT"
+    )
+
+    @model_validator(mode="after")
+    def _tiny_only(self) -> "ModelStage":
+        if self.path is not None and self.vision_pretrain is not None:
+            raise ValueError("vision_pretrain is for the tiny model only (a checkpoint at `path` brings its own pretrained tower): remove one of them")
+        return self
+
 
 
 class Phase(_Strict):

@@ -24,7 +24,8 @@ def test_tiny_recipe_validates():
     r = load_recipe(TINY)
     assert list(r.stages) == ["data", "model", "pretrain", "sft", "sft_shuffled", "merge", "rl"]
     assert r.stages["pretrain"].from_ == "model"
-    assert [p.trainable for p in r.stages["pretrain"].phases] == ["language", "vision+projector", "all", "all"]
+    assert [p.trainable for p in r.stages["pretrain"].phases] == ["language", "language", "language"]  # tower frozen
+    assert r.stages["model"].vision_pretrain is not None and r.stages["model"].vision_pretrain.steps > 0
 
 
 def test_unknown_key_names_the_path():
@@ -85,12 +86,12 @@ def test_overrides_by_stage_name_and_list_index():
 def test_override_does_not_mutate_input():
     raw = _raw()
     apply_overrides(raw, ["pretrain.batch_size=3"])
-    assert raw["stages"]["pretrain"]["batch_size"] == 16
+    assert raw["stages"]["pretrain"]["batch_size"] == 32
 
 
 @pytest.mark.parametrize(
     "item,match",
-    [("nokey", "key.path=value"), ("pretrain.phases.9.steps=1", "list index below 4"), ("seed.x=1", "is a value")],
+    [("nokey", "key.path=value"), ("pretrain.phases.9.steps=1", "list index below 3"), ("seed.x=1", "is a value")],
 )
 def test_bad_overrides(item, match):
     with pytest.raises(RecipeError, match=match):

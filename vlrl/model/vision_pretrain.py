@@ -187,7 +187,7 @@ def pretrain_vision(
         for g in opt.param_groups:
             g["lr"] = lr * min(1.0, (k + 1) / 20)
         opt.step()
-        loss_value = float(loss)
+        loss_value = float(loss.detach())
         if log is not None and ((k + 1) % 50 == 0 or k + 1 == steps):
             log(k + 1, {"loss": loss_value, "seconds": time.perf_counter() - t0})
     after = evaluate()

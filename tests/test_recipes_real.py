@@ -91,15 +91,22 @@ def test_plan_arithmetic_by_hand():
                    gradient_checkpointing=True, reference=False, rollout_rows_per_engine=64)
     gib = 2**30
     train = plan.phases["train"]
-    assert train["trainer weights+grads+AdamW (8 B/param / ranks)"] == pytest.approx(8 * 8_292_166_656 / 8 / gib)
+    assert train["trainer fp32 weights+grads+AdamW (16 B/param / ranks)"] == pytest.approx(16 * 8_292_166_656 / 8 / gib)
     assert train["logits (22 B x vocab per response token)"] == pytest.approx(22 * 152064 * 4 * 1024 / gib)
+    assert train["FSDP2 root unit gathered (bf16) + its grads (fp32)"] == pytest.approx(6 * s.root_params / gib)
+    assert "vLLM share (gpu_memory_utilization x device)" not in train  # asleep while training
+    assert plan.phases["rollout"]["vLLM share (gpu_memory_utilization x device)"] == pytest.approx(0.4 * acc.memory_gib)
     assert s.kv_bytes_per_token == 2 * 28 * 4 * 128 * 2
     assert s.root_params == 2 * 152064 * 3584 + 676_550_144
     no_gc = rl_plan(s, acc, ranks=8, micro_batch_rows=4, prompt_tokens=1024, response_tokens=1024, gpu_memory_utilization=0.4,
                     gradient_checkpointing=False, reference=True, rollout_rows_per_engine=64)
     assert no_gc.phases["train"]["activations"] > 5 * train["activations (checkpointed)"]
     assert no_gc.phases["rollout"]["reference weights (2 B/param / ranks)"] == pytest.approx(2 * 8_292_166_656 / 8 / gib)
-    assert plan.phases["weight sync"]["gathered full weights (2 B/param)"] == pytest.approx(2 * 8_292_166_656 / gib)
+    assert plan.phases["weight sync"]["largest tensor gathered (fp32 embedding)"] == pytest.approx(4 * 152064 * 3584 / gib)
+    one = rl_plan(s, acc, ranks=1, micro_batch_rows=1, prompt_tokens=1024, response_tokens=1024, gpu_memory_utilization=0.1,
+                  gradient_checkpointing=True, reference=False, rollout_rows_per_engine=8)
+    assert one.phases["train"]["autocast bf16 weight copies (2 B/param)"] == pytest.approx(2 * 8_292_166_656 / gib)
+    assert not one.fits  # 124 GiB of fp32 trainer state on one device
     assert plan.kv_tokens == int((0.4 * acc.memory_gib - 2 * 8_292_166_656 / gib - 3.0) * gib // s.kv_bytes_per_token)
 
 
@@ -151,9 +158,9 @@ def test_doc_tables_match_the_plan():
 
 
 def test_bf16_adamw_drops_small_updates():
-    """The doc's known gap, measured: bf16 weights (std 0.02, as in a trained LM) under
-    AdamW at lr 1e-6 barely move, because an update below half a bf16 ulp rounds away;
-    fp32 weights all move. This is why the recipes need fp32 master weights to learn."""
+    """Why the RL trainer keeps fp32 master weights (and the SFT stage's known gap): bf16
+    weights (std 0.02, as in a trained LM) under AdamW at lr 1e-6 barely move, because an
+    update below half a bf16 ulp rounds away; fp32 weights all move."""
     torch.manual_seed(0)
     moved = {}
     for dtype in (torch.bfloat16, torch.float32):

@@ -6,20 +6,26 @@ recipe in recipes/ fits its device by this plan, so a recipe edit that breaks th
 fails CI instead of an 8-GPU job an hour in. It is an estimate (nothing here was measured
 on a GPU or an NPU: this project has not run one), built from what our code keeps:
 
-- Trainer (rlhf/workers.py PolicyTrainer, sft/trainer.py): parameters in the recipe's
-  dtype (bf16), gradients in the same dtype, torch AdamW whose two moments take the
-  parameter's dtype. No fp32 master copy. So 2 + 2 + 4 = 8 bytes per parameter,
-  divided by the FSDP2 ranks (rlhf/fsdp.py shards every parameter on dim 0).
-- FSDP2 units (rlhf/fsdp.py): each decoder layer is a unit (gathered while it runs, the
-  next one prefetched); the root unit (embeddings, lm_head, the whole vision tower) stays
-  gathered from forward to backward and its gradients are whole until reduce-scatter.
-- Weight sync with trainer_ranks > 1 (PolicyTrainer.packed): every rank gathers all
-  trained tensors at once (a full bf16 copy on each device) before rank 0 packs them to
-  host memory. With one rank nothing is copied on the device.
+- RL trainer (rlhf/workers.py PolicyTrainer): float32 parameters, float32 gradients and
+  float32 AdamW moments whatever the recipe's `dtype` (the compute dtype): 4 + 4 + 8 = 16
+  bytes per parameter, divided by the FSDP2 ranks (rlhf/fsdp.py shards every parameter on
+  dim 0). With one rank, autocast keeps bf16 copies of the weights it casts during the
+  forward: up to 2 B/param more while training. The reference model loads in `dtype`.
+- SFT trainer (sft/trainer.py): parameters in the load dtype (bf16 on accelerators),
+  gradients and AdamW moments in it too, no master copy: 8 B/param (and see the gap in
+  docs/real-models.md: bf16 AdamW drops small updates).
+- FSDP2 units (rlhf/fsdp.py, MixedPrecisionPolicy bf16 / reduce fp32): each decoder layer
+  is a unit, gathered in bf16 while it runs (the next one prefetched), its gradient made
+  fp32 for the reduce-scatter; the root unit (embeddings, lm_head, the whole vision tower)
+  stays gathered from forward to backward: 2 B/param gathered + 4 B/param of gradient.
+- Weight sync (PolicyTrainer.packed): one tensor gathered at a time (fp32) and moved to
+  host at once, so the device holds at most the largest tensor (the embedding) beside
+  the resident state.
 - Rollout (rollout/vllm_engine.py): one vLLM engine per device (tensor_parallel_size 1,
   the layout colocate placement gives), holding `gpu_memory_utilization` x device memory
-  for the whole step: the RL stage does not put the engine to sleep while training yet,
-  so its share is counted in every phase.
+  while it samples and receives weights; colocated on an accelerator the RL stage puts it
+  to sleep (level 1: weights to host, KV cache freed) from the end of the rollouts to the
+  weight sync, so in the train phase only its fixed overhead stays.
 - Activations per token of one decoder layer, bf16, fused attention (no s x s scores),
   SwiGLU MLP, RMSNorm computing in fp32: 20h + 6kv + 8I bytes (norm inputs in fp32 and
   outputs, q/k/v and their rotary copies, attention output, the four I-wide MLP tensors).
@@ -175,27 +181,25 @@ def rl_plan(
     gradient_checkpointing: bool,
     reference: bool,
     rollout_rows_per_engine: int,
-    master_fp32: bool = False,
     title: str = "",
 ) -> Plan:
     """Per-device plan of one RL step with colocated trainer, optional reference and vLLM.
 
     `prompt_tokens` bounds image plus text tokens of a prompt; vision activations assume
-    every prompt token is an image token (the worst case the length bound allows).
-    `master_fp32` prices what the trainer does not do yet: fp32 parameters, gradients and
-    moments (16 B/param) with bf16 compute copies gathered per FSDP2 unit."""
+    every prompt token is an image token (the worst case the length bound allows)."""
     p = shape.params
-    per_param = 16 if master_fp32 else 8
-    resident = {f"trainer weights+grads+AdamW ({per_param} B/param / ranks)": _gib(per_param * p / ranks)}
+    resident = {"trainer fp32 weights+grads+AdamW (16 B/param / ranks)": _gib(16 * p / ranks)}
     if reference:
         resident["reference weights (2 B/param / ranks)"] = _gib(2 * p / ranks)
     vllm_share = gpu_memory_utilization * acc.memory_gib
-    resident["vLLM share (gpu_memory_utilization x device)"] = vllm_share
+    awake = {**resident, "vLLM share (gpu_memory_utilization x device)": vllm_share}
 
-    train = dict(resident)
+    train = {**resident, "vLLM asleep (fixed overhead)": VLLM_OVERHEAD_GIB}
     if ranks > 1:
-        train["FSDP2 root unit gathered + its grads"] = _gib(2 * 2 * shape.root_params)
-        train["FSDP2 decoder layers gathered (2) + grads (1)"] = _gib(3 * 2 * shape.layer_params)
+        train["FSDP2 root unit gathered (bf16) + its grads (fp32)"] = _gib((2 + 4) * shape.root_params)
+        train["FSDP2 decoder layers gathered (2, bf16) + grads (1, fp32)"] = _gib((2 * 2 + 4) * shape.layer_params)
+    else:
+        train["autocast bf16 weight copies (2 B/param)"] = _gib(2 * p)
     rows = micro_batch_rows
     tokens = rows * (prompt_tokens + response_tokens)
     patches = rows * prompt_tokens * shape.merge
@@ -204,9 +208,8 @@ def rl_plan(
     )
     train["logits (22 B x vocab per response token)"] = _gib(22 * shape.vocab * rows * response_tokens)
 
-    phases = {"rollout": resident, "train": train}
-    if ranks > 1:
-        phases["weight sync"] = {**resident, "gathered full weights (2 B/param)": _gib(2 * p)}
+    sync = {**awake, "largest tensor gathered (fp32 embedding)": _gib(4 * shape.vocab * shape.hidden)}
+    phases = {"rollout": awake, "train": train, "weight sync": sync}
 
     vllm_weights = _gib(2 * p)
     kv_gib = vllm_share - vllm_weights - VLLM_OVERHEAD_GIB
@@ -233,7 +236,7 @@ def sft_plan(shape: ModelShape, acc: Accelerator, *, rows: int, tokens_per_row: 
     return Plan(title or shape.name, acc, {"train": train})
 
 
-def plan_for_stage(stage, shape: ModelShape, acc: Accelerator, *, master_fp32: bool = False) -> Plan:
+def plan_for_stage(stage, shape: ModelShape, acc: Accelerator) -> Plan:
     """The plan of a recipe's RL or SFT stage (duck-typed on the stage's kind, so this
     module stays free of the recipe schema)."""
     if stage.kind == "rl":
@@ -252,7 +255,6 @@ def plan_for_stage(stage, shape: ModelShape, acc: Accelerator, *, master_fp32: b
             gradient_checkpointing=stage.gradient_checkpointing,
             reference=stage.use_reference,
             rollout_rows_per_engine=stage.rollout.prompts_per_step * stage.rollout.n // stage.rollout.workers,
-            master_fp32=master_fp32,
         )
     if stage.kind == "sft":
         per_row = stage.packing.max_length if stage.packing.enabled else stage.max_length
@@ -265,7 +267,6 @@ def plan_for_stage(stage, shape: ModelShape, acc: Accelerator, *, master_fp32: b
 # recipe file -> (shape, accelerator): which plan each real-model recipe is checked against.
 RECIPES: dict[str, tuple[str, str]] = {
     "qwen2.5-vl-3b-1gpu.yaml": ("qwen2.5-vl-3b", "h100"),
-    "qwen3-vl-4b-1gpu.yaml": ("qwen3-vl-4b", "h100"),
     "qwen2.5-vl-7b-8gpu.yaml": ("qwen2.5-vl-7b", "h100"),
     "qwen2.5-vl-7b-8npu.yaml": ("qwen2.5-vl-7b", "910b"),
     "qwen3-vl-8b-8gpu.yaml": ("qwen3-vl-8b", "h100"),
@@ -307,12 +308,7 @@ def render_tables(recipes_dir) -> str:
             for name, st in recipe.stages.items():
                 if st.kind not in ("rl", "sft"):
                     continue
-                block = f"#### `{fname}` stage `{name}` ({st.kind})\n\n{plan_table(plan_for_stage(st, shape, acc))}"
-                if st.kind == "rl":
-                    alt = plan_for_stage(st, shape, acc, master_fp32=True)
-                    block += (f"\nWith fp32 master weights (16 B/param, not implemented yet): peak {alt.peak:.1f} GiB in "
-                              f"'{alt.peak_phase}': {'fits' if alt.fits else 'DOES NOT FIT'}.")
-                blocks.append(block)
+                blocks.append(f"#### `{fname}` stage `{name}` ({st.kind})\n\n{plan_table(plan_for_stage(st, shape, acc))}")
     rows = ["#### Why the 7B/8B recipes have no SFT stage: SFT on one device, 1 row x 2048 tokens\n",
             "| model | device | peak GiB | budget GiB | fits |", "|---|---|---:|---:|---|"]
     for shape_key in ("qwen2.5-vl-7b", "qwen3-vl-8b"):

@@ -65,14 +65,14 @@ def _write(path: Path, raw: dict) -> Path:
     return path
 
 
-def test_sft_config_is_strict():
-    raw = recipe(Path("/tmp/x"), BASE | {"sft": sft_config(phases=[{"name": "a", "steps": 1, "stepz": 2}])})
+def test_sft_config_is_strict(tmp_path):
+    raw = recipe(tmp_path / "x", BASE | {"sft": sft_config(phases=[{"name": "a", "steps": 1, "stepz": 2}])})
     with pytest.raises(RecipeError, match="stages.sft.phases.0.stepz: unknown key"):
         validate_recipe(raw, "r.yaml")
-    raw = recipe(Path("/tmp/x"), BASE | {"sft": sft_config(packing={"enabled": True, "max_length": 100})})
+    raw = recipe(tmp_path / "x", BASE | {"sft": sft_config(packing={"enabled": True, "max_length": 100})})
     with pytest.raises(RecipeError, match="packing.max_length"):
         validate_recipe(raw, "r.yaml")
-    raw = recipe(Path("/tmp/x"), BASE | {"sft": sft_config(replay={"general": 0.6, "perception": 0.5})})
+    raw = recipe(tmp_path / "x", BASE | {"sft": sft_config(replay={"general": 0.6, "perception": 0.5})})
     with pytest.raises(RecipeError, match="replay"):
         validate_recipe(raw, "r.yaml")
 

@@ -132,6 +132,12 @@ def shard_model(
     return model
 
 
+def whole(t: torch.Tensor) -> torch.Tensor:
+    """A detached whole tensor: an FSDP2 shard (DTensor) is gathered first (a collective:
+    every rank must call it, in the same order)."""
+    return (t.full_tensor() if hasattr(t, "full_tensor") else t).detach()
+
+
 def full_state_dict(model: nn.Module, names: Iterable[str] | None = None) -> dict[str, torch.Tensor]:
     """Gathered (unsharded) tensors by state_dict name; every rank gets them (collective:
     call on all ranks). `names` restricts to a subset (e.g. the trained parameters)."""
@@ -140,14 +146,14 @@ def full_state_dict(model: nn.Module, names: Iterable[str] | None = None) -> dic
     for name, t in model.state_dict().items():
         if wanted is not None and name not in wanted:
             continue
-        out[name] = (t.full_tensor() if hasattr(t, "full_tensor") else t).detach().clone()
+        out[name] = whole(t).clone()
     return out
 
 
 def full_grads(model: nn.Module) -> dict[str, torch.Tensor]:
     """Gathered gradients by parameter name (collective), for checks and grad norms."""
     return {
-        name: (p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad).detach().clone()
+        name: whole(p.grad).clone()
         for name, p in model.named_parameters()
         if p.grad is not None
     }

@@ -116,7 +116,8 @@ class RankGroup:
             ray.kill(a)
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port free on this host now (for a process group's rendezvous)."""
     import socket
 
     with socket.socket() as s:
@@ -145,7 +146,7 @@ def spawn_ranks(cls: type, ranks: int, placement: str, device: DeviceSpec, role:
     port is picked here, on the driver's host (a multi-node cluster is not supported yet)."""
     import ray
 
-    port = _free_port()
+    port = free_port()
     actors = []
     for r in range(ranks):
         opts = _in_bundle(actor_options(device, placement, role), bundles, r)

@@ -28,6 +28,7 @@ import torch
 
 from rlhf import algos as A
 from rlhf.batch import PolicyBatch, response_logprobs
+from rlhf.fsdp import whole
 from sft.pretrain import TRAINABLE
 from sft.trainer import make_optimizer
 from vlrl.recipe_base import OptimSpec
@@ -312,11 +313,11 @@ class PolicyTrainer:
     def trained_weights(self) -> dict[str, torch.Tensor]:
         """The tensors an update can change (what a weight sync sends); gathered from the
         shards across ranks (a collective: call on every rank)."""
-        return {n: _full(p) for n, p in self.model.named_parameters() if p.requires_grad}
+        return {n: whole(p) for n, p in self.model.named_parameters() if p.requires_grad}
 
     def all_weights(self) -> dict[str, torch.Tensor]:
         """Every tensor (for a rollout worker that restarted from the initial checkpoint)."""
-        return {n: _full(t) for n, t in self.model.state_dict().items()}
+        return {n: whole(t) for n, t in self.model.state_dict().items()}
 
     def _weights_to_save(self) -> dict[str, torch.Tensor]:
         """Gathered tensors without the second names of tied ones (lm_head = embeddings),
@@ -338,7 +339,7 @@ class PolicyTrainer:
         if self.ranks.rank == 0:
             return pack(items)
         for _, t in items:
-            _full(t)
+            whole(t)
         return None
 
     # -- checkpoints ----------------------------------------------------------
@@ -391,11 +392,6 @@ def _compute_dtype(dtype: str | None, device: str) -> torch.dtype:
     from vlrl.model.loading import default_dtype
 
     return getattr(torch, dtype) if dtype else default_dtype(resolve_device(device).kind)
-
-
-def _full(t: torch.Tensor) -> torch.Tensor:
-    """A detached whole tensor: an FSDP2 shard (DTensor) is gathered first (collective)."""
-    return (t.full_tensor() if hasattr(t, "full_tensor") else t).detach()
 
 
 class ReferenceWorker:

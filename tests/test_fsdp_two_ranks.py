@@ -14,7 +14,6 @@ absolute on weights (AdamW moves each by ~lr = 1e-3, so a wrong gradient fails) 
 
 from __future__ import annotations
 
-import socket
 
 import numpy as np
 import pytest
@@ -22,6 +21,7 @@ import torch
 import torch.multiprocessing as mp
 from PIL import Image
 
+from rlhf.placement import free_port
 from vlrl.data.images import Sample
 from vlrl.data.records import Record
 
@@ -90,12 +90,6 @@ def _rank_main(rank: int, world: int, port: int, model_dir: str, out_path: str) 
     torch.distributed.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_rank_fsdp2_matches_single_rank(tmp_path):
     from vlrl.model.batching import collate_for_training
     from vlrl.model.loading import load_model, load_processor
@@ -117,7 +111,7 @@ def test_two_rank_fsdp2_matches_single_rank(tmp_path):
     ref_weights = {n: t.detach().clone() for n, t in model.state_dict().items()}
 
     out = tmp_path / "rank0.pt"
-    mp.spawn(_rank_main, args=(2, _free_port(), str(model_dir), str(out)), nprocs=2, join=True)
+    mp.spawn(_rank_main, args=(2, free_port(), str(model_dir), str(out)), nprocs=2, join=True)
     got = torch.load(out)
 
     assert got["sharded"] == got["n_params"] > 0  # every parameter is a DTensor shard

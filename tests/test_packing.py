@@ -118,3 +118,55 @@ def test_image_cap_spreads_image_records_over_rows():
 def test_too_long_item_is_refused():
     with pytest.raises(ValueError, match="more than the pack length"):
         first_fit([(120, 0)], rows=1, max_length=100, max_image_tokens=None, lookahead=1)
+
+
+def test_segments_from_positions_include_the_pad_tail():
+    from vlrl.model.packed_attention import segments_from_positions
+
+    pos = torch.tensor([[0, 1, 2, 0, 1, 0, 1, 2, 3], [0, 1, 2, 3, 4, 5, 0, 1, 2]])
+    assert segments_from_positions(pos) == [[(0, 3), (3, 5), (5, 9)], [(0, 6), (6, 9)]]
+
+
+def test_record_by_record_sdpa_matches_the_dense_mask_in_loss_and_grads():
+    """The per-record SDPA path (packed_attention) and transformers' block-diagonal
+    mask give the same logits and the same gradients on the same packed batch."""
+    from vlrl.model.packed_attention import ATTENTION_NAME, language_config
+
+    torch.manual_seed(0)
+    model, processor = build_tiny_model(CORPUS, preset="micro", seed=0)
+    segs = encode_segments(_samples(), processor, max_length=256)
+    packed = collate_packed([segs[:3], segs[3:]], processor, max_length=sum(s.length for s in segs[:3]) + 5,
+                            rope_index=model.model.get_rope_index)
+    inputs = {k: v for k, v in packed.inputs.items() if k != "labels"}
+
+    def loss_and_grads(forward):
+        model.zero_grad()
+        logits = forward(**inputs).logits
+        losses = span_losses(logits, packed.inputs["labels"], packed.spans)
+        total = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), packed.inputs["labels"][:, 1:].flatten(), ignore_index=IGNORE_INDEX)
+        total.backward()
+        return losses, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    assert language_config(model)._attn_implementation == "sdpa"
+    dense = PackedForward(model)
+    dense.by_record = False  # transformers' block-diagonal mask from the position restarts
+    ref_losses, ref_grads = loss_and_grads(dense)
+    by_record = PackedForward(model)
+    assert by_record.by_record and language_config(model)._attn_implementation == ATTENTION_NAME
+    got_losses, got_grads = loss_and_grads(by_record)
+    for (a, n), (b, m) in zip(got_losses, ref_losses):
+        assert n == m and abs(a - b) <= 1e-5 * max(1.0, abs(b))
+    assert got_grads.keys() == ref_grads.keys()
+    for name, g in got_grads.items():
+        torch.testing.assert_close(g, ref_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+    # vision attention keeps its own backend
+    assert model.config.vision_config._attn_implementation == "sdpa"
+
+
+def test_only_sdpa_is_switched():
+    from vlrl.model.packed_attention import language_config
+
+    model, _ = build_tiny_model(CORPUS, preset="micro", seed=0)
+    model.set_attn_implementation("eager")
+    assert not PackedForward(model).by_record
+    assert language_config(model)._attn_implementation == "eager"

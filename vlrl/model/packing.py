@@ -33,6 +33,7 @@ from dataclasses import dataclass
 import torch
 
 from vlrl.model.batching import IGNORE_INDEX, collate_for_training, pad_id
+from vlrl.model.packed_attention import segments_from_positions, use_packed_sdpa
 
 
 @dataclass
@@ -174,17 +175,22 @@ def segment_positions(seg: Segment, rope_index: Callable) -> torch.Tensor:
 class PackedForward(torch.nn.Module):
     """Calls the model with the 2-D attention mask dropped whenever the batch is
     packed (4-row position_ids), so the block-diagonal mask is built from the
-    position restarts. Unpacked batches pass through unchanged."""
+    position restarts. With SDPA the language model also gets the records'
+    boundaries and attends record by record (vlrl.model.packed_attention) instead
+    of through a dense block-diagonal mask. Unpacked batches pass through unchanged."""
 
     def __init__(self, model: torch.nn.Module):
         super().__init__()
         self.model = model
+        self.by_record = use_packed_sdpa(model)
 
     def forward(self, **batch):
         pos = batch.get("position_ids")
         if pos is not None and pos.ndim == 3 and pos.shape[0] == 4:
             # A KV cache also turns the packed-sequence detection off, and training needs none.
             batch = {k: v for k, v in batch.items() if k != "attention_mask"} | {"use_cache": False}
+            if self.by_record:
+                batch["packed_segments"] = segments_from_positions(pos[0])
         return self.model(**batch)
 
 
@@ -196,5 +202,5 @@ def span_losses(logits: torch.Tensor, labels: torch.Tensor, spans: Sequence[tupl
         lb = labels[r, a + 1 : b]  # (n-1,)
         keep = lb != IGNORE_INDEX
         loss = torch.nn.functional.cross_entropy(lg[keep], lb[keep], reduction="sum") if keep.any() else torch.zeros(())
-        out.append((float(loss), int(keep.sum())))
+        out.append((float(loss.detach()), int(keep.sum())))
     return out

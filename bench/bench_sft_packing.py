@@ -6,6 +6,9 @@ PackedForward) on the same checkpoint and the same record stream. Throughput is
 real (non-pad) tokens per second of wall time, data preparation included. Rounds
 alternate (plain, packed, plain, packed, ...) and the median of the per-round
 ratios is reported, since this machine is shared and noisy. Target: packed / plain >= 1.5.
+With SDPA a third mode runs the same packed batches through transformers' dense
+block-diagonal mask instead of per-record attention (vlrl.model.packed_attention), to
+show what that path costs.
 
 Usage: python bench/bench_sft_packing.py [--data runs/tiny/data] [--model runs/tiny/pretrain/checkpoint]  (after `make demo`)
                                          [--steps 8] [--rounds 3] [--batch-size 16] [--rows 4] [--pack-length 512]
@@ -61,6 +64,8 @@ def main() -> None:
     cfg = SftStage.model_validate({"from": args.model, "data": args.data, "phases": [{"name": "all", "steps": 1}], "replay": {"general": 0.1, "perception": 0.3}})
     plan = build_plan(dataset.records, cfg, "bench")[0]
     forward = PackedForward(model)
+    dense = PackedForward(model)
+    dense.by_record = False  # transformers' dense block-diagonal mask, for reference
     optimizer = make_optimizer(model.named_parameters(), cfg.optim, component_of)
     plain = Feed(dataset, processor, RecordStream(plan, seed=0, phase=0), batch_size=args.batch_size, max_length=args.max_length,
                  packing=PackingSpec(enabled=False))
@@ -69,20 +74,25 @@ def main() -> None:
     model.train()
     run(plain, forward, optimizer, 2)  # warm-up both paths
     run(packed, forward, optimizer, 2)
-    res: dict[str, list[float]] = {"plain": [], "packed": []}
-    eff: dict[str, list[float]] = {"plain": [], "packed": []}
+    modes = [("plain", plain, forward), ("packed", packed, forward)] + ([("dense", packed, dense)] if forward.by_record else [])
+    res: dict[str, list[float]] = {name: [] for name, _, _ in modes}
+    eff: dict[str, list[float]] = {name: [] for name, _, _ in modes}
     for r in range(args.rounds):
-        for name, feed in (("plain", plain), ("packed", packed)):
-            tps, e = run(feed, forward, optimizer, args.steps)
+        for name, feed, fwd in modes:
+            tps, e = run(feed, fwd, optimizer, args.steps)
             res[name].append(tps)
             eff[name].append(e)
-        print(f"round {r + 1}: plain {res['plain'][-1]:,.0f} tok/s, packed {res['packed'][-1]:,.0f} tok/s, "
-              f"ratio {res['packed'][-1] / res['plain'][-1]:.2f}x")
+        print(f"round {r + 1}: " + ", ".join(f"{n} {res[n][-1]:,.0f} tok/s" for n in res)
+              + f", ratio {res['packed'][-1] / res['plain'][-1]:.2f}x")
     p, q = statistics.median(res["plain"]), statistics.median(res["packed"])
     print(f"threads {torch.get_num_threads()}; plain: {args.batch_size} records/batch padded to the longest; "
           f"packed: {args.rows} rows x {args.pack_length} tokens")
     print(f"plain : {p:,.0f} real tok/s (non-pad share {statistics.mean(eff['plain']):.2f})")
     print(f"packed: {q:,.0f} real tok/s (non-pad share {statistics.mean(eff['packed']):.2f})")
+    if "dense" in res:
+        dr = [b / a for a, b in zip(res["plain"], res["dense"])]
+        print(f"packed with a dense block-diagonal mask instead of per-record attention: {statistics.median(res['dense']):,.0f} "
+              f"real tok/s, ratio to plain {statistics.median(dr):.2f}x (reference)")
     ratios = [b / a for a, b in zip(res["plain"], res["packed"])]
     print(f"ratio packed/plain: {statistics.median(ratios):.2f}x median of per-round ratios "
           f"(range {min(ratios):.2f}-{max(ratios):.2f}; ratio of medians {q / p:.2f}x; target >= 1.5x)")

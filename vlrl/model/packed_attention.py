@@ -50,10 +50,12 @@ def packed_sdpa_forward(module, query, key, value, attention_mask, dropout: floa
     key, value = repeat_kv(key, groups), repeat_kv(value, groups)
     p = dropout if module.training else 0.0
     rows = []
-    for b, row in enumerate(segments):
-        parts = [F.scaled_dot_product_attention(query[b : b + 1, :, s:e], key[b : b + 1, :, s:e], value[b : b + 1, :, s:e],
-                                                dropout_p=p, is_causal=True, scale=scaling)
-                 for s, e in row]
+    # split, not slicing: a slice's backward writes into a zero tensor of the whole row,
+    # once per record per layer; split's backward is one concatenation.
+    for q, k, v, row in zip(query.unbind(0), key.unbind(0), value.unbind(0), segments):
+        sizes = [e - s for s, e in row]
+        parts = [F.scaled_dot_product_attention(qs[None], ks[None], vs[None], dropout_p=p, is_causal=True, scale=scaling)
+                 for qs, ks, vs in zip(q.split(sizes, dim=1), k.split(sizes, dim=1), v.split(sizes, dim=1))]
         rows.append(torch.cat(parts, dim=2))
     out = torch.cat(rows, dim=0)  # (B, H, T, D)
     return out.transpose(1, 2).contiguous(), None

@@ -28,6 +28,7 @@ def run_stage(ctx) -> dict:
     from vlrl.data.io import split_path
     from vlrl.model.loading import component_of, load_model, load_processor, set_trainable
     from vlrl.model.packing import PackedForward
+    from vlrl.resolution import with_pixel_bounds
 
     final = ctx.checkpoint_dir
     state_dir = ctx.dir / "state"
@@ -40,6 +41,10 @@ def run_stage(ctx) -> dict:
     torch.manual_seed(seed)
     model = load_model(ctx.inputs["from"], device=ctx.device.kind)
     processor = load_processor(ctx.inputs["from"])
+    if cfg.min_pixels is not None or cfg.max_pixels is not None:
+        processor = with_pixel_bounds(processor, cfg.min_pixels, cfg.max_pixels)
+        ctx.console.print(f"images resized within {processor.image_processor.size['shortest_edge']:,}"
+                          f"-{processor.image_processor.size['longest_edge']:,} pixels")
     set_trainable(model, ("language", "vision", "projector"))
     dataset = RecordDataset(split_path(ctx.inputs["data"], "train"), on_bad_image=cfg.on_bad_image)
     records = dataset.records

@@ -22,7 +22,11 @@ def _raw() -> dict:
 
 def test_tiny_recipe_validates():
     r = load_recipe(TINY)
-    assert list(r.stages) == ["data", "model", "pretrain", "sft", "sft_shuffled", "merge", "rl"]
+    assert list(r.stages) == ["data", "model", "pretrain", "sft", "sft_shuffled", "sft_lowres", "merge", "rl"]
+    # MindVL's merge: the same SFT at two resolutions
+    assert r.stages["merge"].parts == ["sft", "sft_lowres"]
+    assert r.stages["sft_lowres"].max_pixels == 9 * 28 * 28 and r.stages["sft"].max_pixels is None
+    assert r.stages["sft_lowres"].phases == r.stages["sft"].phases
     assert r.stages["pretrain"].from_ == "model"
     assert [p.trainable for p in r.stages["pretrain"].phases] == ["language", "language", "language"]  # tower frozen
     assert r.stages["model"].vision_pretrain is not None and r.stages["model"].vision_pretrain.steps > 0
@@ -137,7 +141,7 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
 def test_cli_validate_ok_and_errors_in_one_line(tmp_path):
     ok = _cli("validate", str(TINY))
     assert ok.returncode == 0, ok.stderr
-    assert "7 stage(s)" in ok.stdout
+    assert "8 stage(s)" in ok.stdout
     raw = _raw()
     raw["stages"]["pretrain"]["optim"]["bogus"] = 1
     bad = tmp_path / "bad.yaml"

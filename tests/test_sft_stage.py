@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from safetensors.torch import load_file
 
@@ -145,3 +146,46 @@ def test_stage_writes_plan_metrics_and_eval(tmp_path):
     assert rows[3]["train/lr"] == pytest.approx(3e-4)  # phase "all" has its own lr (warm-up of 1 step)
     assert json.loads((sft / "eval.json").read_text())["n"] == 12
     assert done[2]["summary"]["consumed"] == rows[-1]["data/consumed"] > 9 * 2  # packing puts > 1 record in a row
+
+
+def test_max_pixels_trains_at_its_own_resolution_and_merges(tmp_path):
+    """MindVL's merge of SFT runs at different max_pixels: the low-resolution run's
+    batches and written processor use its bounds, the other run keeps the checkpoint's."""
+    import numpy as np
+    from PIL import Image
+
+    from vlrl.model.loading import load_processor
+    from vlrl.runner import run_recipe
+
+    short = {"phases": [{"name": "all", "steps": 2}], "restore": None}
+    low = 4 * 28 * 28  # 4 image tokens: a 112x112 image shrinks to 56x56
+    stages = BASE | {"sft": sft_config(**short), "sft_low": sft_config(**short, kind="sft", max_pixels=low),
+                     "merge": {"from": ["sft", "sft_low"], "eval": False}}
+    raw = recipe(tmp_path / "run", stages)
+    raw["stages"]["sft_low"]["eval"] = False
+    run_recipe(validate_recipe(raw))
+    img = Image.fromarray(np.zeros((112, 112, 3), dtype=np.uint8))
+
+    def image_tokens(ckpt) -> int:
+        p = load_processor(ckpt)
+        thw = p.image_processor(images=[img], return_tensors="pt")["image_grid_thw"][0]
+        return int(thw.prod()) // p.image_processor.merge_size ** 2
+
+    run = tmp_path / "run"
+    assert image_tokens(run / "sft" / "checkpoint") == 16
+    assert image_tokens(run / "sft_low" / "checkpoint") == 4
+    assert load_processor(run / "sft_low" / "checkpoint").image_processor.size["longest_edge"] == low
+    rows = [r for r in read_metrics(run / "sft_low" / "metrics.jsonl") if "train/loss" in r]
+    assert len(rows) == 2
+    a = load_file(run / "sft" / "checkpoint" / "model.safetensors")
+    b = load_file(run / "sft_low" / "checkpoint" / "model.safetensors")
+    m = load_file(run / "merge" / "checkpoint" / "model.safetensors")
+    k = next(k for k in a if "layers.0.mlp" in k)
+    assert not torch.equal(a[k], b[k])
+    torch.testing.assert_close(m[k], (a[k] + b[k]) / 2)
+
+
+def test_crossed_pixel_bounds_are_refused(tmp_path):
+    raw = recipe(tmp_path / "x", BASE | {"sft": sft_config(min_pixels=5000, max_pixels=4000)})
+    with pytest.raises(RecipeError, match="min_pixels"):
+        validate_recipe(raw, "r.yaml")

@@ -73,6 +73,17 @@ def with_bounds(processor, min_pixels: int, max_pixels: int):
     return proc
 
 
+def with_pixel_bounds(processor, min_pixels: int | None, max_pixels: int | None):
+    """`with_bounds` where a bound left None keeps the processor's own; a pair that
+    crosses (min above max) is refused rather than silently swapped."""
+    size = processor.image_processor.size
+    lo = size["shortest_edge"] if min_pixels is None else min_pixels
+    hi = size["longest_edge"] if max_pixels is None else max_pixels
+    if lo > hi:
+        raise VlrlError(f"min_pixels {lo:,} is above max_pixels {hi:,} (one of them is the checkpoint processor's own)")
+    return with_bounds(processor, lo, hi)
+
+
 def resized_shapes(sizes: list[tuple[int, int]], processor, min_pixels: int, max_pixels: int) -> tuple[tuple[int, int], ...]:
     """Where each (height, width) lands under these bounds: settings that agree on all of
     them give identical inputs."""

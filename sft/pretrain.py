@@ -22,7 +22,7 @@ import torch
 
 from sft.sampler import BatchSampler
 from sft.state import TrainerState, load_state, read_state, save_hf_checkpoint, save_state
-from sft.trainer import LoopHooks, make_optimizer, make_progress, train_steps
+from sft.trainer import LoopHooks, make_optimizer, make_progress, prepare_for_training, train_steps
 from vlrl.data.records import Record
 from vlrl.data.synth import select_indices
 from vlrl.errors import VlrlError
@@ -85,7 +85,9 @@ def run_stage(ctx) -> dict:
 
     seed = ctx.seed()
     torch.manual_seed(seed)
-    model = load_model(ctx.inputs["from"], device=ctx.device.kind)
+    model = prepare_for_training(load_model(ctx.inputs["from"], device=ctx.device.kind, dtype=torch.float32),
+                                 gradient_checkpointing=cfg.gradient_checkpointing)
+    compute_dtype = getattr(torch, cfg.dtype)
     processor = load_processor(ctx.inputs["from"])
     dataset = RecordDataset(split_path(ctx.inputs["data"], "train"), on_bad_image=cfg.on_bad_image)
     records = dataset.records
@@ -125,7 +127,7 @@ def run_stage(ctx) -> dict:
 
                 ctx.console.print(f"phase [bold]{phase.name}[/]: {len(pool)} records, trainable {phase.trainable} ({counts['trainable']:,} params), {phase.steps} steps")
                 train_steps(model, optimizer, batches, start=start, total=phase.steps, spec=spec, device=ctx.device.torch_device,
-                            hooks=LoopHooks(log, checkpoint, cfg.log_every, cfg.checkpoint_every), progress=progress, description=phase.name)
+                            hooks=LoopHooks(log, checkpoint, cfg.log_every, cfg.checkpoint_every), compute_dtype=compute_dtype, progress=progress, description=phase.name)
                 state = TrainerState(phase=pi + 1, step=0, global_step=base_step + phase.steps, skipped=counters["skipped"])
                 save_state(state_dir, model, None, state)  # phase boundary: the next phase starts a fresh optimizer
     finally:

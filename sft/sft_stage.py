@@ -18,7 +18,7 @@ import torch
 from sft.curriculum import RecordStream, build_plan, family_shares
 from sft.feed import Feed
 from sft.state import TrainerState, load_state, read_state, save_hf_checkpoint, save_state
-from sft.trainer import LoopHooks, make_optimizer, make_progress, train_steps
+from sft.trainer import LoopHooks, make_optimizer, make_progress, prepare_for_training, train_steps
 from vlrl.recipe_sft import SftStage
 
 
@@ -39,7 +39,9 @@ def run_stage(ctx) -> dict:
 
     seed = ctx.seed()
     torch.manual_seed(seed)
-    model = load_model(ctx.inputs["from"], device=ctx.device.kind)
+    model = prepare_for_training(load_model(ctx.inputs["from"], device=ctx.device.kind, dtype=torch.float32),
+                                 gradient_checkpointing=cfg.gradient_checkpointing)
+    compute_dtype = getattr(torch, cfg.dtype)
     processor = load_processor(ctx.inputs["from"])
     if cfg.min_pixels is not None or cfg.max_pixels is not None:
         processor = with_pixel_bounds(processor, cfg.min_pixels, cfg.max_pixels)
@@ -89,7 +91,7 @@ def run_stage(ctx) -> dict:
                 ctx.console.print(f"phase [bold]{plan.name}[/]: {plan.steps} steps, lr {plan.optim.lr:g}, mix {fam}")
                 train_steps(forward, optimizer, feed.steps(cfg.grad_accum), start=start, total=plan.steps, spec=plan.optim,
                             device=ctx.device.torch_device, hooks=LoopHooks(log, checkpoint, cfg.log_every, cfg.checkpoint_every),
-                            progress=progress, description=plan.name)
+                            compute_dtype=compute_dtype, progress=progress, description=plan.name)
                 state = _tracked(pi + 1, 0, base + plan.steps, feed)
                 state.cursor, state.pending = 0, []
                 save_state(state_dir, model, None, state)  # phase boundary: the next phase starts a fresh optimizer

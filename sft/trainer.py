@@ -11,6 +11,7 @@ Departures from the HF Trainer, on purpose:
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import dataclass
@@ -83,8 +84,11 @@ def optimizer_step(
     *,
     lr: float,
     grad_clip: float | None,
+    compute_dtype: torch.dtype = torch.float32,
 ) -> StepResult:
-    """One optimizer step over the micro-batches of a gradient-accumulation step."""
+    """One optimizer step over the micro-batches of a gradient-accumulation step.
+    Below float32, forward and backward run under autocast over the float32 parameters
+    (see vlrl.recipe_base.TrainerPrecision)."""
     for g in optimizer.param_groups:
         g["lr"] = lr * g.get("lr_mult", 1.0)
     total = sum(int((mb["labels"][:, 1:] != IGNORE).sum()) for mb in micro_batches)
@@ -92,7 +96,8 @@ def optimizer_step(
     loss_sum = 0.0
     input_tokens = 0
     for mb in micro_batches:
-        loss, _ = token_loss_sum(model, mb)
+        with compute_context(mb["input_ids"].device, compute_dtype):
+            loss, _ = token_loss_sum(model, mb)
         (loss / denom).backward()
         loss_sum += float(loss.detach())
         input_tokens += int(mb["attention_mask"].sum())
@@ -104,6 +109,24 @@ def optimizer_step(
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return StepResult(loss_sum / denom, total, input_tokens, grad_norm, lr)
+
+
+def compute_context(device: torch.device, dtype: torch.dtype):
+    """autocast to `dtype` on `device`'s type, or nothing for float32."""
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def prepare_for_training(model: torch.nn.Module, *, gradient_checkpointing: bool) -> torch.nn.Module:
+    """Master weights in float32 whatever the checkpoint's dtype (the compute dtype is
+    autocast's), and activation recomputation if asked."""
+    model.float()
+    if gradient_checkpointing:
+        # Training forwards build no KV cache anyway; config.use_cache is left alone, as it
+        # is saved with the checkpoint and would slow its generation.
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model
 
 
 def lr_at(step: int, total: int, spec: OptimSpec) -> float:
@@ -147,6 +170,7 @@ def train_steps(
     hooks: LoopHooks,
     progress: Progress | None = None,
     description: str = "train",
+    compute_dtype: torch.dtype = torch.float32,
 ) -> dict[str, float]:
     """Steps `start..total-1` of a phase; `batches` yields each step's micro-batches."""
     model.train()
@@ -155,7 +179,8 @@ def train_steps(
     last: dict[str, float] = {}
     for step in range(start, total):
         micro = [to_device(mb, device) for mb in next(batches)]
-        res = optimizer_step(model, optimizer, micro, lr=lr_at(step, total, spec), grad_clip=spec.grad_clip)
+        res = optimizer_step(model, optimizer, micro, lr=lr_at(step, total, spec), grad_clip=spec.grad_clip,
+                             compute_dtype=compute_dtype)
         window_tokens += res.input_tokens
         window_loss += res.loss
         window_n += 1

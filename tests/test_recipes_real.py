@@ -158,7 +158,7 @@ def test_doc_tables_match_the_plan():
 
 
 def test_bf16_adamw_drops_small_updates():
-    """Why the RL trainer keeps fp32 master weights (and the SFT stage's known gap): bf16
+    """Why the trainers keep fp32 master weights: bf16
     weights (std 0.02, as in a trained LM) under AdamW at lr 1e-6 barely move, because an
     update below half a bf16 ulp rounds away; fp32 weights all move."""
     torch.manual_seed(0)
@@ -173,3 +173,24 @@ def test_bf16_adamw_drops_small_updates():
         moved[dtype] = (w.detach() != w0).float().mean().item()
     assert moved[torch.bfloat16] < 0.05
     assert moved[torch.float32] > 0.99
+
+
+def test_sft_plan_follows_its_precision_keys(tmp_path):
+    """The 3B recipe's SFT fits with bf16 compute and checkpointing; the same stage at
+    float32 compute without checkpointing (the keys' defaults) or with 4096-token rows does not."""
+    recipe, _, _ = _load("qwen2.5-vl-3b-1gpu.yaml", tmp_path)
+    shape, h100 = SHAPES["qwen2.5-vl-3b"], ACCELERATORS["h100"]
+    sft = recipe.stages["sft"]
+    assert sft.dtype == "bfloat16" and sft.gradient_checkpointing
+    plan = plan_for_stage(sft, shape, h100)
+    assert plan.fits
+    train = plan.phases["train"]
+    gib = 2**30
+    assert train["fp32 weights+grads+AdamW (16 B/param)"] == pytest.approx(16 * shape.params / gib)
+    assert train["autocast bf16 weight copies (2 B/param)"] == pytest.approx(2 * shape.params / gib)
+    assert train["logits (16 B x vocab per token)"] == pytest.approx(16 * shape.vocab * 2048 / gib)
+    plain = sft.model_copy(update={"dtype": "float32", "gradient_checkpointing": False})
+    assert "autocast bf16 weight copies (2 B/param)" not in plan_for_stage(plain, shape, h100).phases["train"]
+    assert not plan_for_stage(plain, shape, h100).fits
+    long_rows = sft.model_copy(update={"packing": sft.packing.model_copy(update={"max_length": 8192})})
+    assert not plan_for_stage(long_rows, shape, h100).fits

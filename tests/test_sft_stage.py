@@ -150,7 +150,9 @@ def test_stage_writes_plan_metrics_and_eval(tmp_path):
 
 def test_max_pixels_trains_at_its_own_resolution_and_merges(tmp_path):
     """MindVL's merge of SFT runs at different max_pixels: the low-resolution run's
-    batches and written processor use its bounds, the other run keeps the checkpoint's."""
+    batches and written processor use its bounds, the other run keeps the checkpoint's.
+    The low-resolution run also computes in bf16 with recomputed activations (the real
+    recipes' keys): its checkpoint still holds float32 weights."""
     import numpy as np
     from PIL import Image
 
@@ -159,7 +161,7 @@ def test_max_pixels_trains_at_its_own_resolution_and_merges(tmp_path):
 
     short = {"phases": [{"name": "all", "steps": 2}], "restore": None}
     low = 4 * 28 * 28  # 4 image tokens: a 112x112 image shrinks to 56x56
-    stages = BASE | {"sft": sft_config(**short), "sft_low": sft_config(**short, kind="sft", max_pixels=low),
+    stages = BASE | {"sft": sft_config(**short), "sft_low": sft_config(**short, kind="sft", max_pixels=low, dtype="bfloat16", gradient_checkpointing=True),
                      "merge": {"from": ["sft", "sft_low"], "eval": False}}
     raw = recipe(tmp_path / "run", stages)
     raw["stages"]["sft_low"]["eval"] = False
@@ -176,12 +178,13 @@ def test_max_pixels_trains_at_its_own_resolution_and_merges(tmp_path):
     assert image_tokens(run / "sft_low" / "checkpoint") == 4
     assert load_processor(run / "sft_low" / "checkpoint").image_processor.size["longest_edge"] == low
     rows = [r for r in read_metrics(run / "sft_low" / "metrics.jsonl") if "train/loss" in r]
-    assert len(rows) == 2
+    assert len(rows) == 2 and all(np.isfinite(r["train/loss"]) for r in rows)
     a = load_file(run / "sft" / "checkpoint" / "model.safetensors")
     b = load_file(run / "sft_low" / "checkpoint" / "model.safetensors")
     m = load_file(run / "merge" / "checkpoint" / "model.safetensors")
     k = next(k for k in a if "layers.0.mlp" in k)
     assert not torch.equal(a[k], b[k])
+    assert a[k].dtype == b[k].dtype == torch.float32
     torch.testing.assert_close(m[k], (a[k] + b[k]) / 2)
 
 

@@ -11,9 +11,8 @@ on a GPU or an NPU: this project has not run one), built from what our code keep
   bytes per parameter, divided by the FSDP2 ranks (rlhf/fsdp.py shards every parameter on
   dim 0). With one rank, autocast keeps bf16 copies of the weights it casts during the
   forward: up to 2 B/param more while training. The reference model loads in `dtype`.
-- SFT trainer (sft/trainer.py): parameters in the load dtype (bf16 on accelerators),
-  gradients and AdamW moments in it too, no master copy: 8 B/param (and see the gap in
-  docs/real-models.md: bf16 AdamW drops small updates).
+- SFT and pretraining trainer (sft/trainer.py): the same float32 master weights, gradients
+  and AdamW moments (16 B/param) and autocast copies below float32, on one device.
 - FSDP2 units (rlhf/fsdp.py, MixedPrecisionPolicy bf16 / reduce fp32): each decoder layer
   is a unit, gathered in bf16 while it runs (the next one prefetched), its gradient made
   fp32 for the reduce-scatter; the root unit (embeddings, lm_head, the whole vision tower)
@@ -224,15 +223,22 @@ def rl_plan(
     )
 
 
-def sft_plan(shape: ModelShape, acc: Accelerator, *, rows: int, tokens_per_row: int, title: str = "") -> Plan:
-    """One device, no FSDP, no gradient checkpointing (the SFT stage has neither yet),
-    logits for every position. Vision activations: a quarter of the tokens are image tokens."""
+def sft_plan(
+    shape: ModelShape, acc: Accelerator, *, rows: int, tokens_per_row: int, low_precision: bool = True,
+    gradient_checkpointing: bool = True, title: str = "",
+) -> Plan:
+    """One device, no FSDP (the SFT stage has no ranks yet), float32 master weights as in
+    RL, autocast copies when computing below float32, logits for every position. Vision
+    activations: a quarter of the tokens are image tokens."""
     tokens = rows * tokens_per_row
-    train = {
-        "weights+grads+AdamW (8 B/param)": _gib(8 * shape.params),
-        "activations": _gib(activations(shape, tokens, tokens // 4 * shape.merge, False)),
-        "logits (16 B x vocab per token)": _gib(16 * shape.vocab * tokens),
-    }
+    p = shape.params
+    train = {"fp32 weights+grads+AdamW (16 B/param)": _gib(16 * p)}
+    if low_precision:
+        train["autocast bf16 weight copies (2 B/param)"] = _gib(2 * p)
+    # activations() counts bf16 tensors; float32 compute holds them at twice the size
+    train["activations" + (" (checkpointed)" if gradient_checkpointing else "") + ("" if low_precision else " (fp32)")] = _gib(
+        activations(shape, tokens, tokens // 4 * shape.merge, gradient_checkpointing) * (1 if low_precision else 2))
+    train["logits (16 B x vocab per token)"] = _gib(16 * shape.vocab * tokens)
     return Plan(title or shape.name, acc, {"train": train})
 
 
@@ -258,7 +264,8 @@ def plan_for_stage(stage, shape: ModelShape, acc: Accelerator) -> Plan:
         )
     if stage.kind == "sft":
         per_row = stage.packing.max_length if stage.packing.enabled else stage.max_length
-        return sft_plan(shape, acc, rows=stage.batch_size, tokens_per_row=per_row)
+        return sft_plan(shape, acc, rows=stage.batch_size, tokens_per_row=per_row, low_precision=stage.dtype != "float32",
+                        gradient_checkpointing=stage.gradient_checkpointing)
     raise ValueError(f"no memory plan for a {stage.kind!r} stage")
 
 
@@ -309,7 +316,7 @@ def render_tables(recipes_dir) -> str:
                 if st.kind not in ("rl", "sft"):
                     continue
                 blocks.append(f"#### `{fname}` stage `{name}` ({st.kind})\n\n{plan_table(plan_for_stage(st, shape, acc))}")
-    rows = ["#### Why the 7B/8B recipes have no SFT stage: SFT on one device, 1 row x 2048 tokens\n",
+    rows = ["#### Why the 7B/8B recipes have no SFT stage: SFT on one device, 1 row x 2048 tokens, bf16 compute, checkpointing\n",
             "| model | device | peak GiB | budget GiB | fits |", "|---|---|---:|---:|---|"]
     for shape_key in ("qwen2.5-vl-7b", "qwen3-vl-8b"):
         for acc_key in ("h100", "910b"):

@@ -21,7 +21,7 @@ import yaml
 from pydantic import Field, ValidationError, model_validator
 
 from vlrl.errors import RecipeError
-from vlrl.recipe_base import DataSelect, EvalSpec, OptimSpec, TrackingSpec, _StageBase, _Strict  # noqa: F401 (re-exported)
+from vlrl.recipe_base import DataSelect, EvalSpec, OptimSpec, TrackingSpec, TrainerPrecision, _StageBase, _Strict  # noqa: F401 (re-exported)
 from vlrl.recipe_rl import RlStage
 from vlrl.recipe_sft import MergeStage, SftStage
 
@@ -82,7 +82,7 @@ class Phase(_Strict):
     optim: OptimSpec | None = None  # None = the stage's optim
 
 
-class PretrainStage(_StageBase):
+class PretrainStage(_StageBase, TrainerPrecision):
     kind: Literal["pretrain"] = "pretrain"
     from_: str = Field(..., alias="from")
     data: str

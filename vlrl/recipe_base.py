@@ -60,6 +60,19 @@ class DataSelect(_Strict):
     weights: dict[str, float] | None = Field(None, description="sampling weight per family (default: as in the data)")
 
 
+class TrainerPrecision(_Strict):
+    """Keys every training stage shares: what it computes in, what it recomputes.
+
+    `dtype` is the compute dtype only: parameters, gradients and AdamW state stay
+    float32, because at fine-tuning learning rates an update below half a bf16 ulp
+    rounds away on bf16 parameters (tests/test_rl_precision.py measures it)."""
+
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32", description="compute dtype of forward/backward (bfloat16 for real models on GPU/NPU); parameters and AdamW state stay float32"
+    )
+    gradient_checkpointing: bool = Field(False, description="recompute activations in backward (real models: memory for compute)")
+
+
 # --------------------------------------------------------------------------- stage base
 
 

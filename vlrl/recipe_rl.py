@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from vlrl.recipe_base import DataSelect, OptimSpec, _StageBase, _Strict
+from vlrl.recipe_base import DataSelect, OptimSpec, TrainerPrecision, _StageBase, _Strict
 from vlrl.rl_config import RLAlgoConfig
 
 
@@ -104,7 +104,7 @@ class RaySpec(_Strict):
     object_store_mb: int | None = Field(None, ge=64, description="local start only; default: Ray's")
 
 
-class RlStage(_StageBase):
+class RlStage(_StageBase, TrainerPrecision):
     """GRPO (and the other critic-free estimators) on Ray actors; see docs/rl-stage.md."""
 
     kind: Literal["rl"] = "rl"
@@ -126,10 +126,6 @@ class RlStage(_StageBase):
         16, ge=1, description="rows per forward/backward; rows are sorted by length into micro-batches, so padding stays small; null = a whole mini-batch"
     )
     curriculum: CurriculumSpec = Field(default_factory=CurriculumSpec)
-    dtype: Literal["float32", "bfloat16", "float16"] = Field(
-        "float32", description="compute dtype of the trainer and reference (bfloat16 for real models on GPU/NPU); the trainer keeps float32 parameters and AdamW state"
-    )
-    gradient_checkpointing: bool = Field(False, description="recompute activations in backward (real models: memory for compute)")
     trainer_ranks: int = Field(
         1, ge=1, description="FSDP2 ranks of the policy and reference trainers, each a Ray actor with one device; >1 needs placement colocate or split"
     )

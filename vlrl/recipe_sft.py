@@ -12,7 +12,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from vlrl.recipe_base import DataSelect, OptimSpec, _StageBase, _Strict
+from vlrl.recipe_base import DataSelect, OptimSpec, TrainerPrecision, _StageBase, _Strict
 
 
 class ReplaySpec(_Strict):
@@ -64,7 +64,7 @@ class PackingSpec(_Strict):
     lookahead: int = Field(8, ge=1, description="records that fit no row before a batch is closed (they lead the next batch)")
 
 
-class SftStage(_StageBase):
+class SftStage(_StageBase, TrainerPrecision):
     kind: Literal["sft"] = "sft"
     from_: str = Field(..., alias="from")
     data: str

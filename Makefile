@@ -21,7 +21,7 @@ CHROMIUM ?= /usr/bin/chromium
 VLLM_VENV  ?= .venv-vllm
 VLLM_STAMP := $(VLLM_VENV)/.vlrl-installed
 
-.PHONY: install browser demo test test-main test-vllm test-slow bench clean-runs
+.PHONY: install browser demo test test-main test-vllm test-slow bench bench-rl clean-runs
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -64,6 +64,12 @@ test-slow: $(STAMP) browser
 bench: $(STAMP)
 	$(PY) bench/bench_pretrain.py
 	$(PY) bench/bench_rewards.py
+
+# Our RL step against TRL's GRPOTrainer at the tiny recipe's rl shape, and rollout
+# tokens/s against model.generate (needs TRL: the `bench` extra).
+bench-rl: $(STAMP)
+	$(PIP) install -q -e '.[dev,bench]'
+	$(PY) bench/bench_rl_trl.py --prompts 16 --n 8 --max-tokens 48
 
 clean-runs:
 	rm -rf runs/

@@ -29,6 +29,7 @@ import time
 from collections import defaultdict
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -113,7 +114,14 @@ class Controller:
         self.state_dir = ctx.dir / "state"
         found = read_checkpoint(self.state_dir)
         self.start, self.cursor, self.kl_coef = 0, 0, A.initial_kl_coef(cfg.algo.kl, cfg.steps)
-        start_path = ctx.inputs["from"]
+        # The starting policy, as every worker loads it: with the stage's pixel bounds, if any,
+        # in its processor (the checkpoints this stage writes carry them on).
+        self.base_path = Path(ctx.inputs["from"])
+        if cfg.min_pixels is not None or cfg.max_pixels is not None:
+            from vlrl.resolution import bounded_checkpoint
+
+            self.base_path = bounded_checkpoint(self.base_path, ctx.dir / "start", cfg.min_pixels, cfg.max_pixels)
+        start_path = self.base_path
         if found is not None:
             path, st = found
             self.start, self.cursor, self.kl_coef = st["step"], st["cursor"], st["kl_coef"]
@@ -147,7 +155,7 @@ class Controller:
         # Rollout actors first: Ray brings them up in the background while the trainer loads
         # here. They load the stage's input (version 0) and get resumed weights below.
         self.pool = make_rollout_pool(
-            cfg.rollout, cfg.placement, device, str(ctx.inputs["from"]), threads=threads,
+            cfg.rollout, cfg.placement, device, str(self.base_path), threads=threads,
             current_weights=self._full_weights, retries=cfg.rollout_retries, suppress=suppress, bundles=self.bundles, ranks=ranks,
         )
         common = dict(
@@ -160,12 +168,12 @@ class Controller:
             common["threads"] = max(1, threads // ranks) if device.kind == "cpu" else threads
             self.trainer = spawn_ranks(PolicyTrainer, ranks, cfg.placement, device, "trainer", str(start_path), bundles=self.bundles, **policy, **common)
             self.reference = (
-                spawn_ranks(ReferenceWorker, ranks, cfg.placement, device, "reference", str(ctx.inputs["from"]), bundles=self.bundles, **common)
+                spawn_ranks(ReferenceWorker, ranks, cfg.placement, device, "reference", str(self.base_path), bundles=self.bundles, **common)
                 if cfg.use_reference else None
             )
         else:
             self.trainer = spawn(PolicyTrainer, where, device, "trainer", str(start_path), **policy, **common)
-            self.reference = spawn(ReferenceWorker, where, device, "reference", str(ctx.inputs["from"]), **common) if cfg.use_reference else None
+            self.reference = spawn(ReferenceWorker, where, device, "reference", str(self.base_path), **common) if cfg.use_reference else None
         if checkpoint is not None:
             self.trainer.load_optimizer(checkpoint / "optimizer.pt")
         self.rewards = spawn(RewardWorker, where, device, "reward", reward_cfg)
@@ -439,6 +447,8 @@ class Controller:
         m.update({
             "policy/version": float(s + 1), "rollout/min_version": float(s), "rollout/restarts": float(self.pool.restarts),
             "rollout/prompts": float(len(groups)), "rollout/kept_prompts": float(len(kept)), "rollout/samples": float(len(comps)),
+            "rollout/prompt_tokens_mean": sum(c.prompt_tokens for c in comps) / max(len(comps), 1),
+            "rollout/prompt_tokens_max": float(max((c.prompt_tokens for c in comps), default=0)),
             "curriculum/difficulty_lo": float(lo), "curriculum/difficulty_hi": float(hi), "curriculum/cursor": float(self.cursor),
             "curriculum/perception_frac": sum(self.dataset.records[g.record_index].family == "perception" for g in groups) / len(groups),
             "actor/kl_coef": float(self.kl_coef), "batch/rows": float(batch.rows),

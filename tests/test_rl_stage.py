@@ -228,3 +228,31 @@ def test_engine_without_its_package_fails_before_any_worker_starts(start, tmp_pa
     import ray
 
     assert not ray.is_initialized()
+
+
+def test_pixel_bounds_shrink_rollout_prompts_and_stay_with_the_checkpoint(start, tmp_path):
+    """`max_pixels` in the RL stage: every worker loads the start with the bounded
+    processor (rollout prompts carry fewer image tokens), the input checkpoint is left as
+    it was, and the written checkpoint keeps the bounds."""
+    from vlrl.model.loading import load_processor
+
+    data, ckpt = start
+    low = 4 * 28 * 28  # 4 image tokens per image instead of 16
+    before = (ckpt / "preprocessor_config.json").read_bytes() if (ckpt / "preprocessor_config.json").exists() else None
+    plain = _run(rl_recipe(tmp_path / "plain", data, ckpt, steps=1))
+    small = _run(rl_recipe(tmp_path / "small", data, ckpt, steps=1, max_pixels=low))
+
+    def prompt_tokens(out: Path) -> float:
+        (m,) = read_metrics(out / "metrics.jsonl")
+        return m["rollout/prompt_tokens_mean"]
+
+    with RolloutStore(small / "rollouts.sqlite", readonly=True) as store:
+        rows = store.query(limit=1000)
+    with_image = sum(1 for r in rows if r.images) / len(rows)
+    assert with_image > 0  # some prompts carry an image (one each)
+    # the same prompts (same seed and curriculum); each image: 16 -> 4 tokens
+    assert prompt_tokens(plain) - prompt_tokens(small) == pytest.approx(12 * with_image)
+    assert load_processor(small / "checkpoint").image_processor.size["longest_edge"] == low
+    assert load_processor(plain / "checkpoint").image_processor.size["longest_edge"] > low
+    after = (ckpt / "preprocessor_config.json").read_bytes() if (ckpt / "preprocessor_config.json").exists() else None
+    assert after == before  # the input checkpoint is untouched (its bounded copy lives in the stage folder)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
 class _Strict(BaseModel):
@@ -71,6 +71,24 @@ class TrainerPrecision(_Strict):
         "float32", description="compute dtype of forward/backward (bfloat16 for real models on GPU/NPU); parameters and AdamW state stay float32"
     )
     gradient_checkpointing: bool = Field(False, description="recompute activations in backward (real models: memory for compute)")
+
+
+class PixelBounds(_Strict):
+    """Image resize bounds of a training stage (the processor's min_pixels / max_pixels).
+    The checkpoint the stage writes keeps them, so its eval and whatever starts from it see
+    images as it was trained on them. None = the input checkpoint's own."""
+
+    min_pixels: int | None = Field(None, ge=1, description="image resize bounds for this run (the processor's min_pixels / "
+                                   "max_pixels; the checkpoint written keeps them); None = the input checkpoint's own. MindVL "
+                                   "merges SFT runs trained at different max_pixels (see the merge stage); in RL they bound "
+                                   "the image tokens of every rollout prompt")
+    max_pixels: int | None = Field(None, ge=1, description="see min_pixels")
+
+    @model_validator(mode="after")
+    def _bounds_ordered(self):
+        if self.min_pixels is not None and self.max_pixels is not None and self.min_pixels > self.max_pixels:
+            raise ValueError(f"min_pixels ({self.min_pixels}) is above max_pixels ({self.max_pixels})")
+        return self
 
 
 # --------------------------------------------------------------------------- stage base

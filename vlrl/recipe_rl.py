@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from vlrl.recipe_base import DataSelect, OptimSpec, TrainerPrecision, _StageBase, _Strict
+from vlrl.recipe_base import DataSelect, OptimSpec, PixelBounds, TrainerPrecision, _StageBase, _Strict
 from vlrl.rl_config import RLAlgoConfig
 
 
@@ -104,7 +104,7 @@ class RaySpec(_Strict):
     object_store_mb: int | None = Field(None, ge=64, description="local start only; default: Ray's")
 
 
-class RlStage(_StageBase, TrainerPrecision):
+class RlStage(_StageBase, TrainerPrecision, PixelBounds):
     """GRPO (and the other critic-free estimators) on Ray actors; see docs/rl-stage.md."""
 
     kind: Literal["rl"] = "rl"

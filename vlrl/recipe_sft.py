@@ -12,7 +12,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from vlrl.recipe_base import DataSelect, OptimSpec, TrainerPrecision, _StageBase, _Strict
+from vlrl.recipe_base import DataSelect, OptimSpec, PixelBounds, TrainerPrecision, _StageBase, _Strict
 
 
 class ReplaySpec(_Strict):
@@ -64,7 +64,7 @@ class PackingSpec(_Strict):
     lookahead: int = Field(8, ge=1, description="records that fit no row before a batch is closed (they lead the next batch)")
 
 
-class SftStage(_StageBase, TrainerPrecision):
+class SftStage(_StageBase, TrainerPrecision, PixelBounds):
     kind: Literal["sft"] = "sft"
     from_: str = Field(..., alias="from")
     data: str
@@ -85,15 +85,9 @@ class SftStage(_StageBase, TrainerPrecision):
     log_every: int = Field(10, ge=1)
     on_bad_image: Literal["error", "skip"] = "error"
     seed: int | None = None
-    min_pixels: int | None = Field(None, ge=1, description="image resize bounds for this run (the processor's min_pixels / "
-                                   "max_pixels; the checkpoint written keeps them); None = the input checkpoint's own. MindVL "
-                                   "merges SFT runs trained at different max_pixels (see the merge stage)")
-    max_pixels: int | None = Field(None, ge=1, description="see min_pixels")
 
     @model_validator(mode="after")
     def _packing_fits(self) -> "SftStage":
-        if self.min_pixels is not None and self.max_pixels is not None and self.min_pixels > self.max_pixels:
-            raise ValueError(f"min_pixels ({self.min_pixels}) is above max_pixels ({self.max_pixels})")
         if self.packing.enabled and self.packing.max_length < self.max_length:
             raise ValueError(f"packing.max_length ({self.packing.max_length}) is below max_length ({self.max_length}); a record must fit one packed row")
         names = [p.name for p in self.phases]

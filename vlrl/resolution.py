@@ -84,6 +84,32 @@ def with_pixel_bounds(processor, min_pixels: int | None, max_pixels: int | None)
     return with_bounds(processor, lo, hi)
 
 
+def bounded_checkpoint(src: Path, dst: Path, min_pixels: int | None, max_pixels: int | None) -> Path:
+    """A checkpoint folder that is `src` with its processor's pixel bounds replaced: the
+    processor is written into `dst`, every other file of `src` is linked beside it. Why a
+    folder and not a processor object: every worker of a stage (trainer, reference,
+    rollout engines, vLLM among them, which reads the processor from the model folder)
+    loads from a path, so one folder gives them all the same bounds."""
+    import os
+    import shutil
+
+    from vlrl.model.loading import load_processor
+
+    src, dst = Path(src).resolve(), Path(dst)
+    tmp = dst.with_name(dst.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    with_pixel_bounds(load_processor(src), min_pixels, max_pixels).save_pretrained(tmp)
+    for f in src.iterdir():  # after the processor: its files are written, never linked
+        if f.is_file() and not (tmp / f.name).exists():
+            os.symlink(f, tmp / f.name)
+    if dst.exists():
+        shutil.rmtree(dst)
+    os.replace(tmp, dst)
+    return dst
+
+
 def resized_shapes(sizes: list[tuple[int, int]], processor, min_pixels: int, max_pixels: int) -> tuple[tuple[int, int], ...]:
     """Where each (height, width) lands under these bounds: settings that agree on all of
     them give identical inputs."""

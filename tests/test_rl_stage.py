@@ -148,15 +148,16 @@ class _Killed(Exception):
     pass
 
 
-def test_resume_after_a_crash_replays_exactly(start, tmp_path, monkeypatch):
+@pytest.mark.parametrize("bounds", [{}, {"max_pixels": 4 * 28 * 28}], ids=["own-pixels", "max_pixels"])
+def test_resume_after_a_crash_replays_exactly(start, tmp_path, monkeypatch, bounds):
     """A stage that dies in step 3 resumes from its step-2 checkpoint; the result equals an
-    uninterrupted run bit for bit (weights, store rows)."""
+    uninterrupted run bit for bit (weights, store rows) — with the stage's own image bounds too."""
     from rlhf import stage as stage_mod
 
     data, ckpt = start
-    ref = _run(rl_recipe(tmp_path / "ref", data, ckpt, steps=4))
+    ref = _run(rl_recipe(tmp_path / "ref", data, ckpt, steps=4, **bounds))
 
-    raw = rl_recipe(tmp_path / "killed", data, ckpt, steps=4)
+    raw = rl_recipe(tmp_path / "killed", data, ckpt, steps=4, **bounds)
     real_step = stage_mod.Controller.step
 
     def dying_step(self, s):

@@ -49,8 +49,9 @@ def test_schema_has_the_keys_with_float32_default():
     for cls in (PretrainStage, SftStage):
         assert cls.model_fields["dtype"].default == "float32"
         assert cls.model_fields["gradient_checkpointing"].default is False
-    with pytest.raises(ValueError, match="dtype"):
-        SftStage.model_validate({"from": "m", "data": "d", "phases": [{"name": "a", "steps": 1}], "dtype": "int8"})
+    for bad in ("int8", "float16"):  # float16 would need loss scaling, which the trainers do not do
+        with pytest.raises(ValueError, match="dtype"):
+            SftStage.model_validate({"from": "m", "data": "d", "phases": [{"name": "a", "steps": 1}], "dtype": bad})
 
 
 @pytest.mark.parametrize("packed", [False, True])

@@ -67,7 +67,8 @@ class TrainerPrecision(_Strict):
     float32, because at fine-tuning learning rates an update below half a bf16 ulp
     rounds away on bf16 parameters (tests/test_rl_precision.py measures it)."""
 
-    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+    # No float16: without loss scaling (which the trainers do not do) its gradients underflow.
+    dtype: Literal["float32", "bfloat16"] = Field(
         "float32", description="compute dtype of forward/backward (bfloat16 for real models on GPU/NPU); parameters and AdamW state stay float32"
     )
     gradient_checkpointing: bool = Field(False, description="recompute activations in backward (real models: memory for compute)")

@@ -30,7 +30,7 @@ from rlhf import algos as A
 from rlhf.batch import PolicyBatch, response_logprobs
 from rlhf.fsdp import whole
 from sft.pretrain import TRAINABLE
-from sft.trainer import make_optimizer
+from sft.trainer import compute_context, make_optimizer, prepare_for_training
 from vlrl.recipe_base import OptimSpec
 from vlrl.rl_config import RLAlgoConfig
 
@@ -157,8 +157,7 @@ class PolicyTrainer:
         self.compute_dtype = _compute_dtype(dtype, device)
         self.processor = load_processor(model_path)
         set_trainable(self.model, TRAINABLE[trainable])
-        if gradient_checkpointing:
-            self.model.gradient_checkpointing_enable()
+        prepare_for_training(self.model, gradient_checkpointing=gradient_checkpointing)
         self.model.train()
         if world_size > 1:
             from rlhf.fsdp import shard_model
@@ -173,8 +172,8 @@ class PolicyTrainer:
     def _autocast(self):
         """One rank computing below float32: autocast over float32 parameters (several
         ranks get the same from FSDP2's mixed precision instead)."""
-        if self.ranks.world == 1 and self.compute_dtype != torch.float32:
-            return torch.autocast(self.ranks.device.type, dtype=self.compute_dtype)
+        if self.ranks.world == 1:
+            return compute_context(self.ranks.device, self.compute_dtype)
         return contextlib.nullcontext()
 
     # -- the update ---------------------------------------------------------

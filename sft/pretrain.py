@@ -22,7 +22,7 @@ import torch
 
 from sft.sampler import BatchSampler
 from sft.state import TrainerState, load_state, read_state, save_hf_checkpoint, save_state
-from sft.trainer import LoopHooks, make_optimizer, make_progress, prepare_for_training, train_steps
+from sft.trainer import LoopHooks, load_for_training, make_optimizer, make_progress, train_steps
 from vlrl.data.records import Record
 from vlrl.data.synth import select_indices
 from vlrl.errors import VlrlError
@@ -74,7 +74,7 @@ def run_stage(ctx) -> dict:
     cfg: PretrainStage = ctx.config
     from vlrl.data.images import RecordDataset
     from vlrl.data.io import split_path
-    from vlrl.model.loading import component_of, count_parameters, load_model, load_processor, set_trainable
+    from vlrl.model.loading import component_of, count_parameters, load_processor, set_trainable
 
     final = ctx.checkpoint_dir
     state_dir = ctx.dir / "state"
@@ -85,9 +85,7 @@ def run_stage(ctx) -> dict:
 
     seed = ctx.seed()
     torch.manual_seed(seed)
-    model = prepare_for_training(load_model(ctx.inputs["from"], device=ctx.device.kind, dtype=torch.float32),
-                                 gradient_checkpointing=cfg.gradient_checkpointing)
-    compute_dtype = getattr(torch, cfg.dtype)
+    model, compute_dtype = load_for_training(ctx.inputs["from"], ctx.device.kind, cfg)
     processor = load_processor(ctx.inputs["from"])
     dataset = RecordDataset(split_path(ctx.inputs["data"], "train"), on_bad_image=cfg.on_bad_image)
     records = dataset.records

@@ -18,7 +18,7 @@ import torch
 from sft.curriculum import RecordStream, build_plan, family_shares
 from sft.feed import Feed
 from sft.state import TrainerState, load_state, read_state, save_hf_checkpoint, save_state
-from sft.trainer import LoopHooks, make_optimizer, make_progress, prepare_for_training, train_steps
+from sft.trainer import LoopHooks, load_for_training, make_optimizer, make_progress, train_steps
 from vlrl.recipe_sft import SftStage
 
 
@@ -26,7 +26,7 @@ def run_stage(ctx) -> dict:
     cfg: SftStage = ctx.config
     from vlrl.data.images import RecordDataset
     from vlrl.data.io import split_path
-    from vlrl.model.loading import component_of, load_model, load_processor, set_trainable
+    from vlrl.model.loading import component_of, load_processor, set_trainable
     from vlrl.model.packing import PackedForward
     from vlrl.resolution import with_pixel_bounds
 
@@ -39,9 +39,7 @@ def run_stage(ctx) -> dict:
 
     seed = ctx.seed()
     torch.manual_seed(seed)
-    model = prepare_for_training(load_model(ctx.inputs["from"], device=ctx.device.kind, dtype=torch.float32),
-                                 gradient_checkpointing=cfg.gradient_checkpointing)
-    compute_dtype = getattr(torch, cfg.dtype)
+    model, compute_dtype = load_for_training(ctx.inputs["from"], ctx.device.kind, cfg)
     processor = load_processor(ctx.inputs["from"])
     if cfg.min_pixels is not None or cfg.max_pixels is not None:
         processor = with_pixel_bounds(processor, cfg.min_pixels, cfg.max_pixels)

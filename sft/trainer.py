@@ -129,6 +129,16 @@ def prepare_for_training(model: torch.nn.Module, *, gradient_checkpointing: bool
     return model
 
 
+def load_for_training(path, device_kind: str, precision) -> tuple[torch.nn.Module, torch.dtype]:
+    """A checkpoint as pretraining and SFT train it: float32 weights (loaded as float32, so
+    a float32 checkpoint is not rounded through bf16 on an accelerator) and the compute
+    dtype of `precision` (a vlrl.recipe_base.TrainerPrecision)."""
+    from vlrl.model.loading import load_model
+
+    model = load_model(path, device=device_kind, dtype=torch.float32)
+    return prepare_for_training(model, gradient_checkpointing=precision.gradient_checkpointing), getattr(torch, precision.dtype)
+
+
 def lr_at(step: int, total: int, spec: OptimSpec) -> float:
     return spec.lr * lr_factor(step, total, schedule=spec.schedule, warmup=spec.warmup_steps, min_ratio=spec.min_lr_ratio, decay_ratio=spec.decay_ratio)
 

@@ -5,9 +5,10 @@ Typical phases (recipes/tiny.yaml): `language` trains the language model on text
 (for a pretrained base set `trainable: projector`, as MindVL does); `multitask`
 trains everything on mixed image and text data.
 
-Departure from MindVL: phases here share one data folder and pick their records
-with a `select` (families, tasks, difficulty) instead of separate corpora, and
-each phase starts a fresh AdamW (its trainable set differs from the last).
+Phases draw from the stage's `data` unless a phase names its own (`data:` on the
+phase, MindVL's corpus per phase), and pick records from it with a `select`
+(families, tasks, difficulty). Each phase starts a fresh AdamW (its trainable set
+differs from the last).
 
 Resume: `state/` holds weights, optimizer, phase and step; batch k of a phase is a
 pure function of (seed, phase, k), so a killed stage continues exactly where its
@@ -16,6 +17,7 @@ last checkpoint was taken.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Iterator
 
 import torch
@@ -87,8 +89,14 @@ def run_stage(ctx) -> dict:
     torch.manual_seed(seed)
     model, compute_dtype = load_for_training(ctx.inputs["from"], ctx.device.kind, cfg)
     processor = load_processor(ctx.inputs["from"])
-    dataset = RecordDataset(split_path(ctx.inputs["data"], "train"), on_bad_image=cfg.on_bad_image)
-    records = dataset.records
+    datasets: dict[Path, RecordDataset] = {}
+
+    def phase_dataset(pi: int) -> RecordDataset:
+        """The phase's own `data` if it names one, else the stage's; each file loaded once."""
+        path = split_path(ctx.inputs.get(f"phases.{pi}.data", ctx.inputs["data"]), "train")
+        if path not in datasets:
+            datasets[path] = RecordDataset(path, on_bad_image=cfg.on_bad_image)
+        return datasets[path]
 
     state = TrainerState()
     if prior is not None:
@@ -103,9 +111,12 @@ def run_stage(ctx) -> dict:
                 if pi < state.phase:
                     continue
                 counts = set_trainable(model, TRAINABLE[phase.trainable])
-                pool, weights = phase_pool(records, phase.select)
+                dataset = phase_dataset(pi)
+                pool, weights = phase_pool(dataset.records, phase.select)
                 if not pool:
-                    raise VlrlError(f"stages.{ctx.name}.phases.{pi}.select: no training records match {phase.select.model_dump(exclude_none=True)}")
+                    raise VlrlError(
+                        f"stages.{ctx.name}.phases.{pi}.select: no training records in {dataset.path} match {phase.select.model_dump(exclude_none=True)}"
+                    )
                 bs = phase.batch_size or cfg.batch_size
                 spec = phase.optim or cfg.optim
                 optimizer = make_optimizer(model.named_parameters(), spec, component_of)

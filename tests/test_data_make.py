@@ -127,3 +127,28 @@ def test_ten_thousand_records_take_well_under_a_minute(tmp_path):
     m = make_dataset(tmp_path, seed=0, n=10_000, n_eval=1_000)
     assert m["counts"]["train"]["total"] == 10_000
     assert time.perf_counter() - t < 45
+
+
+def test_exclude_keeps_another_datasets_held_out_records_out_of_train(tmp_path):
+    """A text corpus generated beside a dataset: same world, so without `exclude` some of
+    the dataset's held-out questions show up in the corpus's train split."""
+    make_dataset(tmp_path / "main", seed=3, n=40, n_eval=60, families_mix={"text": 1.0})
+    held_out = writer.held_out_keys(tmp_path / "main")
+    assert len(held_out) == 60
+    make_dataset(tmp_path / "plain", seed=4, n=600, n_eval=5, families_mix={"text": 1.0})
+    m = make_dataset(tmp_path / "corpus", seed=4, n=600, n_eval=5, families_mix={"text": 1.0}, exclude=held_out)
+    main_eval = _content_keys(tmp_path / "main", "eval")
+    assert _content_keys(tmp_path / "plain", "train") & main_eval  # the world is small: overlap without exclude
+    train = load_records(tmp_path / "corpus" / "train.jsonl")
+    assert not _content_keys(tmp_path / "corpus", "train") & main_eval
+    assert m["excluded_keys"] == 60 and m["train_unfilled"] == 600 - len(train) and len(train) >= 590
+
+
+def test_held_out_keys_match_the_generator_for_image_records(tmp_path):
+    make_dataset(tmp_path / "a", seed=5, n=10, n_eval=30)
+    keys = writer.held_out_keys(tmp_path / "a")
+    slots = writer.plan(30, writer.check_mix(None), random.Random("vlrl-synth/5/eval/plan"))
+    regenerated = {writer._content_key(item.question, img) for item, img in (
+        (lambda it: (it, render(it.scene) if it.scene is not None else None))(TASKS[t].generate(writer.item_rng(5, "eval", i), d))
+        for i, (t, d) in enumerate(slots))}
+    assert len(keys) == 30 and len(keys & regenerated) >= 28  # a few eval slots may have been redrawn

@@ -132,6 +132,9 @@ def test_fingerprint_changes_with_config():
     b = load_recipe(TINY, ["pretrain.phases.0.steps=1"])
     assert a.stage_fingerprint("data") == b.stage_fingerprint("data")
     assert a.stage_fingerprint("pretrain") != b.stage_fingerprint("pretrain")
+    # a key written out at its default hashes as if absent (a later vlrl's new optional key)
+    c = load_recipe(TINY, ["data.exclude=[]", "pretrain.phases.0.data=null"])
+    assert (c.stage_fingerprint("data"), c.stage_fingerprint("pretrain")) == (a.stage_fingerprint("data"), a.stage_fingerprint("pretrain"))
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import signal
@@ -12,8 +13,11 @@ from pathlib import Path
 
 import pytest
 import yaml
+from rich.console import Console
 from safetensors.torch import load_file
 
+from vlrl.data.io import load_records
+from vlrl.errors import RecipeError
 from vlrl.recipe import validate_recipe
 from vlrl.runner import run_recipe
 from vlrl.tracking import read_metrics
@@ -163,3 +167,31 @@ def test_eval_stage_without_data_uses_the_data_stage(tmp_path):
     assert [d["stage"] for d in done] == ["data", "model", "pretrain", "final"]
     ev = json.loads((tmp_path / "run" / "final" / "eval.json").read_text())
     assert ev["n"] == 5 and ev["data"].endswith("eval.jsonl") and "pretrain" in ev["model"]
+
+
+def test_a_phase_draws_from_its_own_data_stage(tmp_path):
+    """MindVL's corpus per phase: the language phase reads a text-only data stage whose
+    train split keeps the main data's held-out records out; the other phases read `data`."""
+    raw = micro_recipe(tmp_path / "run", steps=1)
+    stages = raw["stages"]
+    raw["stages"] = {"data": stages["data"], "corpus": {"kind": "data", "n": 50, "n_eval": 4, "seed": 2, "mix": {"text": 1.0}, "exclude": ["data"]}} | {
+        k: v for k, v in stages.items() if k != "data"}
+    raw["stages"]["pretrain"]["phases"][0] |= {"data": "corpus", "select": {"tasks": ["text_arith"]}}
+    raw["stages"]["pretrain"]["eval"] = False
+    out = io.StringIO()
+    run_recipe(validate_recipe(raw), console=Console(file=out, width=200))
+    log = out.getvalue()
+    n_arith = sum(r.task == "text_arith" for r in load_records(tmp_path / "run" / "corpus" / "train.jsonl"))
+    n_main = sum(r.family == "text" for r in load_records(tmp_path / "run" / "data" / "train.jsonl"))
+    assert n_arith != n_main and f"phase language: {n_arith} records" in log
+    assert json.loads((tmp_path / "run" / "corpus" / "manifest.json").read_text())["excluded_keys"] == 12
+
+
+def test_phase_data_must_name_an_earlier_data_stage(tmp_path):
+    raw = micro_recipe(tmp_path / "run")
+    raw["stages"]["pretrain"]["phases"][1]["data"] = "model"
+    with pytest.raises(RecipeError, match=r"stages\.pretrain\.phases\.1\.data: stage 'model' is a model stage"):
+        validate_recipe(raw)
+    raw["stages"]["pretrain"]["phases"][1]["data"] = "corpus"
+    with pytest.raises(RecipeError, match=r"phases\.1\.data: 'corpus' names no earlier stage"):
+        validate_recipe(raw)

@@ -42,6 +42,16 @@ class DataStage(_StageBase):
     n_eval: int = Field(300, ge=1, description="held-out eval records")
     format: Literal["jsonl", "parquet"] = "jsonl"
     mix: dict[str, float] | None = Field(None, description="share of each family in the generated data")
+    exclude: list[str] = Field(
+        default_factory=list,
+        description="earlier data stages whose eval records this stage's train split must not contain (a corpus generated beside a held-out set)",
+    )
+
+    @model_validator(mode="after")
+    def _exclude_needs_generation(self) -> "DataStage":
+        if self.path is not None and self.exclude:
+            raise ValueError("exclude applies to generated data; a dataset at `path` is used as it is: remove one of them")
+        return self
 
 
 class VisionPretrainSpec(_Strict):
@@ -80,6 +90,7 @@ class Phase(_Strict):
     steps: int = Field(..., ge=1)
     batch_size: int | None = Field(None, ge=1)
     optim: OptimSpec | None = None  # None = the stage's optim
+    data: str | None = Field(None, description="a data stage or folder this phase draws from instead of the stage's `data` (MindVL: each phase its own corpus)")
 
 
 class PretrainStage(_StageBase, TrainerPrecision):
@@ -145,8 +156,10 @@ class Recipe(_Strict):
         return base if base.is_absolute() else (cwd or Path.cwd()) / base
 
     def stage_fingerprint(self, name: str) -> str:
-        """Hash of a stage's config: a completed stage whose config changed is reported, not silently reused."""
-        blob = json.dumps(self.stages[name].model_dump(mode="json", by_alias=True), sort_keys=True)
+        """Hash of a stage's config: a completed stage whose config changed is reported, not silently reused.
+        Keys left at their defaults are not hashed, so a new optional key in a later vlrl
+        does not mark every finished stage as changed."""
+        blob = json.dumps(self.stages[name].model_dump(mode="json", by_alias=True, exclude_defaults=True), sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -252,6 +265,11 @@ def _check_references(recipe: Recipe, source: str) -> None:
             refs.append((f"from.{i}", part, ("model", "pretrain", "sft", "rl", "merge")))
         if getattr(st, "data", None) is not None:
             refs.append(("data", st.data, ("data",)))
+        for i, phase in enumerate(getattr(st, "phases", None) or []):
+            if getattr(phase, "data", None) is not None:
+                refs.append((f"phases.{i}.data", phase.data, ("data",)))
+        for i, ref in enumerate(getattr(st, "exclude", None) or []):
+            refs.append((f"exclude.{i}", ref, ("data",)))
         ev = st.eval if isinstance(st.eval, EvalSpec) else None
         if ev and ev.data:
             refs.append(("eval.data", ev.data, ("data",)))

@@ -99,7 +99,16 @@ def resolve_inputs(recipe: Recipe, name: str, base: Path) -> dict[str, Path]:
         p = _resolve(recipe, ref, base)
         if p is not None:
             inputs[key] = p
+    for key, ref in _extra_refs(st):
+        inputs[key] = _resolve(recipe, ref, base)
     return inputs
+
+
+def _extra_refs(st) -> list[tuple[str, str]]:
+    """References besides `from` and `data`, keyed as in the recipe: a pretraining phase's
+    own `data` (`phases.2.data`) and a data stage's `exclude` list (`exclude.0`)."""
+    refs = [(f"phases.{i}.data", ph.data) for i, ph in enumerate(getattr(st, "phases", None) or []) if getattr(ph, "data", None)]
+    return refs + [(f"exclude.{i}", ref) for i, ref in enumerate(getattr(st, "exclude", None) or [])]
 
 
 def eval_spec_for(recipe: Recipe, name: str) -> EvalSpec | None:
@@ -140,7 +149,7 @@ def run_stage(recipe: Recipe, name: str, *, console: Console | None = None, base
     st = recipe.stages[name]
     impl = _load_impl(st.kind)
     if require_inputs:
-        for ref_key, ref in (("from", getattr(st, "from_", None)), ("data", getattr(st, "data", None))):
+        for ref_key, ref in (("from", getattr(st, "from_", None)), ("data", getattr(st, "data", None)), *_extra_refs(st)):
             if ref in recipe.stages and not is_complete(base / ref) and not getattr(recipe.stages[ref], "path", None):
                 raise VlrlError(f"stage {name!r} needs stage {ref!r} ({ref_key}), which is not complete; run `vlrl run` or `vlrl stage {ref}` first")
     device = resolve_device(recipe.device)

@@ -23,7 +23,10 @@ def run_data(ctx) -> dict:
         return {"path": st.path}
     from vlrl.data.synth import make_dataset
 
-    manifest = make_dataset(ctx.dir, seed=st.seed, n=st.n, n_eval=st.n_eval, families_mix=st.mix, fmt=st.format)
+    from vlrl.data.synth.writer import held_out_keys
+
+    exclude = frozenset().union(*(held_out_keys(ctx.inputs[f"exclude.{i}"]) for i in range(len(st.exclude))))
+    manifest = make_dataset(ctx.dir, seed=st.seed, n=st.n, n_eval=st.n_eval, families_mix=st.mix, fmt=st.format, exclude=exclude)
     counts = manifest.get("counts", {})
     ctx.console.print(f"dataset written to {ctx.dir}: {describe_counts(counts)}")
     return {"counts": counts}

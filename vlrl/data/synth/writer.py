@@ -104,15 +104,17 @@ def _content_key(question: str, image: Image.Image | None) -> bytes:
 
 
 def _generate(seed: int, split: str, slots: list[tuple[str, int]], seen: set[bytes],
-              dedupe: bool) -> Iterator[tuple[Record, Image.Image | None]]:
-    """Records with their images; with dedupe, skips contents already in `seen` (redrawing)."""
+              dedupe: bool, avoid: frozenset[bytes] = frozenset()) -> Iterator[tuple[Record, Image.Image | None]]:
+    """Records with their images; with dedupe, skips contents already in `seen` (redrawing);
+    contents in `avoid` (another dataset's held-out records) are always redrawn. A slot
+    that finds nothing new in `_MAX_REDRAWS` tries is left out."""
     for index, (task, difficulty) in enumerate(slots):
         rid = f"{split}-{index:06d}"
-        for attempt in range(_MAX_REDRAWS if dedupe else 1):
+        for attempt in range(_MAX_REDRAWS if dedupe or avoid else 1):
             item = TASKS[task].generate(item_rng(seed, split, index, attempt), difficulty)
             image = render(item.scene) if item.scene is not None else None
             key = _content_key(item.question, image)
-            if dedupe and key in seen:
+            if (dedupe and key in seen) or key in avoid:
                 continue
             seen.add(key)
             path = f"{_IMAGE_DIR}/{rid}.png" if image is not None else None
@@ -140,12 +142,30 @@ def _clear_old_images(image_dir: Path) -> None:
             p.unlink()
 
 
+def held_out_keys(data_dir: Path) -> frozenset[bytes]:
+    """Content keys (question, pixels) of a dataset folder's eval split, so that a corpus
+    generated beside it can leave those records out of its training split."""
+    from vlrl.data.images import load_images
+    from vlrl.data.io import load_records, split_path
+
+    path = split_path(Path(data_dir), "eval")
+    keys = set()
+    for row, r in enumerate(load_records(path), start=1):
+        user = next(m for m in r.messages if m.role == "user")
+        question = user.content if isinstance(user.content, str) else "".join(c.text or "" for c in user.content if c.type == "text")
+        images = load_images(r, path.parent, source=str(path), row=row)
+        keys.add(_content_key(question, images[0] if images else None))
+    return frozenset(keys)
+
+
 def make_dataset(out_dir: Path, seed: int, n: int, n_eval: int | None = None,
-                 families_mix: dict[str, float] | None = None, fmt: str = "jsonl") -> dict[str, Any]:
+                 families_mix: dict[str, float] | None = None, fmt: str = "jsonl",
+                 exclude: frozenset[bytes] = frozenset()) -> dict[str, Any]:
     """Write train/eval records, their PNGs and manifest.json under out_dir; returns the manifest.
 
     n is the number of train records; n_eval defaults to max(50, n // 10) so every
-    task x difficulty cell has at least one held-out item.
+    task x difficulty cell has at least one held-out item. `exclude` holds content keys
+    (`held_out_keys`) that neither split may contain: another dataset's held-out records.
     """
     if fmt not in ("jsonl", "parquet"):
         raise VlrlError(f"format {fmt!r}: expected 'jsonl' or 'parquet'")
@@ -163,7 +183,7 @@ def make_dataset(out_dir: Path, seed: int, n: int, n_eval: int | None = None,
     for split, size, dedupe in (("train", n, False), ("eval", n_eval, True)):
         slots = plan(size, mix, random.Random(f"vlrl-synth/{seed}/{split}/plan"))
         records = []
-        for record, image in _generate(seed, split, slots, seen, dedupe):
+        for record, image in _generate(seed, split, slots, seen, dedupe, exclude):
             if image is not None:
                 save_png(image, out_dir / record.images[0])
             records.append(record)
@@ -181,5 +201,8 @@ def make_dataset(out_dir: Path, seed: int, n: int, n_eval: int | None = None,
         "counts": {s: counts(rs) for s, rs in splits.items()},
         "eval_unfilled": n_eval - len(splits["eval"]),
     }
+    if exclude:
+        manifest["excluded_keys"] = len(exclude)
+        manifest["train_unfilled"] = n - len(splits["train"])
     (out_dir / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
     return manifest

@@ -79,3 +79,26 @@ def test_the_model_stage_pretrains_the_tiny_tower_when_asked(tmp_path):
     assert set(plain) == set(tuned)
     changed = {k for k in plain if not torch.equal(plain[k], tuned[k])}
     assert changed and all("visual" in k for k in changed)  # the tower moved, nothing else did
+
+
+def test_families_choose_whose_scenes_label_the_tower():
+    """Reasoning scenes are rows of numbers: with them in, digits make up far more of the
+    labelled patches than on perception scenes alone (where shapes dominate)."""
+    digits = {V.char_class(c) for c in "0123456789"}
+
+    def digit_share(families):
+        labels = [lab for _, toks in V.scene_examples(0, 80, PATCH, 2, families) for tok in toks for lab in tok if lab]
+        return sum(lab in digits for lab in labels) / len(labels)
+
+    assert digit_share(("reasoning",)) > 0.35 > 0.2 > digit_share(("perception",))
+    both = V.scene_examples(0, 40, PATCH, 2, ("perception", "reasoning"))
+    assert [np.asarray(im).tobytes() for im, _ in both] == [np.asarray(im).tobytes() for im, _ in V.scene_examples(0, 40, PATCH, 2, ("perception", "reasoning"))]
+
+
+def test_vision_pretrain_families_are_checked():
+    from vlrl.errors import RecipeError
+    from vlrl.recipe import validate_recipe
+
+    raw = {"name": "x", "stages": {"model": {"preset": "micro", "vision_pretrain": {"steps": 1, "families": ["text"]}}}}
+    with pytest.raises(RecipeError, match=r"stages\.model\.vision_pretrain\.families\.0"):
+        validate_recipe(raw)

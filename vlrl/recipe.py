@@ -58,6 +58,9 @@ class VisionPretrainSpec(_Strict):
     steps: int = Field(400, ge=1)
     lr: float = Field(1e-3, gt=0)
     batch_size: int = Field(32, ge=1)
+    families: list[Literal["perception", "reasoning"]] = Field(
+        default_factory=lambda: ["perception"], min_length=1, description="whose scenes label the tower's patches"
+    )
 
 
 class ModelStage(_StageBase):

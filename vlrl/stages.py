@@ -83,7 +83,7 @@ def _pretrain_tower(ctx, path: Path, st) -> dict:
                 tracker.log({f"vision_pretrain/{k}": v for k, v in m.items()}, step=step)
                 status.update(f"vision tower: scene-label pretraining, step {step}/{spec.steps}, loss {m['loss']:.3f}")
 
-            out = pretrain_vision(model, processor, steps=spec.steps, lr=spec.lr, batch_size=spec.batch_size, seed=st.seed, log=log)
+            out = pretrain_vision(model, processor, steps=spec.steps, lr=spec.lr, batch_size=spec.batch_size, seed=st.seed, families=spec.families, log=log)
     finally:
         tracker.close()
     model.save_pretrained(path)

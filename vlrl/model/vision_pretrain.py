@@ -89,10 +89,12 @@ def merge_order(labels: Sequence[int], grid: int, merge: int) -> list[list[int]]
     return out
 
 
-def scene_examples(seed: int, n: int, patch: int, merge: int) -> list[tuple[object, list[list[int]]]]:
-    """n (image, labels per merged token) from the perception tasks at every difficulty;
-    a pure function of (seed, n)."""
-    tasks = FAMILY_TASKS["perception"]
+def scene_examples(
+    seed: int, n: int, patch: int, merge: int, families: Sequence[str] = ("perception",)
+) -> list[tuple[object, list[list[int]]]]:
+    """n (image, labels per merged token) from the families' tasks (uniform over tasks) at
+    every difficulty; a pure function of (seed, n, families)."""
+    tasks = [t for f in families for t in FAMILY_TASKS[f]]
     out = []
     for i in range(n):
         rng = random.Random(f"vision-pretrain/{seed}/{i}")
@@ -139,6 +141,7 @@ def pretrain_vision(
     pool: int = 3000,
     held_out: int = 200,
     background_weight: float = 0.1,
+    families: Sequence[str] = ("perception",),
     log: Callable[[int, dict[str, float]], None] | None = None,
 ) -> dict[str, float]:
     """Train the vision tower (patch embedding, blocks, merger) for `steps` AdamW steps
@@ -151,8 +154,8 @@ def pretrain_vision(
     dim = model.config.text_config.hidden_size
     torch.manual_seed(seed)
     probe = _Probe(dim, merge * merge).to(next(model.parameters()).device)
-    train = scene_examples(seed, pool, patch, merge)
-    test = scene_examples(seed + 1_000_003, held_out, patch, merge)
+    train = scene_examples(seed, pool, patch, merge, families)
+    test = scene_examples(seed + 1_000_003, held_out, patch, merge, families)
 
     def forward(batch) -> tuple[torch.Tensor, torch.Tensor]:
         pixels, grid = _encode(model, processor, [im for im, _ in batch])

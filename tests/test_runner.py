@@ -195,3 +195,23 @@ def test_phase_data_must_name_an_earlier_data_stage(tmp_path):
     raw["stages"]["pretrain"]["phases"][1]["data"] = "corpus"
     with pytest.raises(RecipeError, match=r"phases\.1\.data: 'corpus' names no earlier stage"):
         validate_recipe(raw)
+
+
+def test_a_stage_compares_its_eval_with_its_starts(tmp_path):
+    """A training stage started from an evaluated stage writes the paired comparison
+    (vs_start.md / .json, DONE.json's summary) on the same eval records."""
+    from vlrl.eval_diff import diff_reports, load_report
+
+    raw = micro_recipe(tmp_path / "run", steps=2)
+    raw["stages"]["more"] = {"kind": "pretrain", "from": "pretrain", "data": "data", "batch_size": 4, "max_length": 160,
+                             "phases": [{"name": "more", "trainable": "language", "steps": 2}]}
+    run_recipe(validate_recipe(raw), console=Console(file=io.StringIO()))
+    run = tmp_path / "run"
+    assert not (run / "pretrain" / "vs_start.md").exists()  # its start (the model stage) has no eval
+    saved = json.loads((run / "more" / "vs_start.json").read_text())
+    expected = diff_reports(load_report(run / "pretrain"), load_report(run / "more"))
+    assert saved["rows"] == [r.model_dump() for r in expected]
+    assert saved["rows"][-1]["n"] == 12
+    summary = json.loads((run / "more" / "DONE.json").read_text())["summary"]["vs_start"]
+    assert summary["all"]["delta"] == expected[-1].delta
+    assert "| all | 12 |" in (run / "more" / "vs_start.md").read_text()

@@ -154,6 +154,40 @@ def eval_cmd(
 
 
 @app.command()
+def compare(
+    base: Path = typer.Argument(..., help="eval report of the starting checkpoint (eval JSON, or a stage folder with eval.json)"),
+    new: Path = typer.Argument(..., help="eval report of the checkpoint to judge, scored on the same records"),
+    by: str = typer.Option("family", "--by", help="family or task"),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="write the paired scores as JSON"),
+) -> None:
+    """Paired comparison of two evals on the same records: the change per family (or task)
+    with its 95% interval and an exact McNemar p-value, to tell a gain from noise."""
+    import json
+
+    from rich.table import Table
+
+    from vlrl.eval_diff import diff_reports, load_report
+
+    a, b = load_report(base), load_report(new)
+    rows = diff_reports(a, b, by=by)
+    table = Table(title=f"{b['_path']} vs {a['_path']} (paired, same records)",
+                  caption="+ / -: records only the new / only the base gets right; p: exact McNemar")
+    table.add_column(by, no_wrap=True)
+    for col in ("n", "base %", "new %", "Δ pts", "95% CI", "+ / -", "p"):
+        table.add_column(col, justify="right", no_wrap=True)
+    for r in rows:
+        if r.group == "all":
+            table.add_section()
+        table.add_row(r.group, str(r.n), f"{100 * r.base_correct / r.n:.1f}", f"{100 * r.new_correct / r.n:.1f}",
+                      f"{100 * r.delta:+.1f}", f"[{100 * r.ci_low:+.1f}, {100 * r.ci_high:+.1f}]",
+                      f"{r.new_only} / {r.base_only}", f"{r.p_value:.3g}")
+    console.print(table)
+    if json_out:
+        json_out.parent.mkdir(parents=True, exist_ok=True)
+        json_out.write_text(json.dumps([r.model_dump() for r in rows], indent=2) + "\n")
+
+
+@app.command()
 def merge(
     checkpoints: list[Path] = typer.Argument(..., help="two or more checkpoint folders of one architecture"),
     out: Path = typer.Option(..., "--out", help="folder for the merged checkpoint"),

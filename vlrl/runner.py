@@ -165,6 +165,15 @@ def run_stage(recipe: Recipe, name: str, *, console: Console | None = None, base
 
         data_dir = _resolve(recipe, spec.data, base)
         summary["eval"] = eval_checkpoint(ctx, stage_output(recipe, name, base), data_dir, spec)
+        start = getattr(st, "from_", None)
+        if isinstance(start, str) and start in recipe.stages:
+            from vlrl.eval_diff import compare_with_start
+
+            rows, note = compare_with_start(stage_dir, base / start)
+            if note:
+                console.print(note)
+            if rows:
+                summary["vs_start"] = {r.group: {"delta": r.delta, "ci": [r.ci_low, r.ci_high], "p": r.p_value} for r in rows}
     done = {"stage": name, "kind": st.kind, "fingerprint": recipe.stage_fingerprint(name), "seconds": round(time.time() - t0, 1), "finished": time.time(), "summary": summary}
     _write_json_atomic(stage_dir / "DONE.json", done)
     return done

@@ -8,8 +8,11 @@ selections. `curriculum: false` keeps every phase's length and optimizer but giv
 every phase the same mixture: all phases' mixtures weighted by their steps, i.e. the
 same expected data in shuffled order (the ablation).
 
-Departure from the paper: the paper's phases use separate corpora built by its data
-pipeline; here they are slices of one dataset chosen by family, task and difficulty.
+As in the paper, a phase may draw its own selection from a corpus of its own (`data:`
+on the phase); the records of every corpus the stage reads are concatenated (the
+stage's data first), so a phase's selection is a range of that list and replay
+always comes from the stage's data. Without `data:` phases are slices of one dataset
+chosen by family, task and difficulty.
 
 The stream is a pure function of (seed, phase, position): position p of a phase is
 draw p % C of the sampler's batch p // C, so the consumed-data tracker is a cursor.
@@ -68,22 +71,36 @@ def _replay_parts(records: list[Record], replay: ReplaySpec | tuple[float, float
     ]
 
 
-def build_plan(records: list[Record], cfg: SftStage, where: str) -> list[PhasePlan]:
-    """Every phase's mixture, restore included, with curriculum on or off."""
+def _pool_in(records: list[Record], span: tuple[int, int], select) -> tuple[list[int], list[float] | None]:
+    """phase_pool over records[start:stop], as indices into the whole list."""
+    start, stop = span
+    idx, w = phase_pool(records[start:stop], select)
+    return [start + i for i in idx], w
+
+
+def build_plan(records: list[Record], cfg: SftStage, where: str, spans: list[tuple[int, int]] | None = None,
+               main: int | None = None) -> list[PhasePlan]:
+    """Every phase's mixture, restore included, with curriculum on or off.
+
+    spans: per phase, the [start, stop) range of `records` its selection draws from (its
+    own corpus; default: all of them). main: how many leading records are the stage's own
+    data, which replay draws from (default: all)."""
+    spans = spans or [(0, len(records))] * len(cfg.phases)
+    main_records = records[: len(records) if main is None else main]
     plans = []
     for i, ph in enumerate(cfg.phases):
         replay = ph.replay or cfg.replay
-        idx, w = phase_pool(records, ph.select)
+        idx, w = _pool_in(records, spans[i], ph.select)
         own = 1.0 - replay.general - replay.perception
-        parts = [(f"phase {ph.name!r} selection", idx, w, own), *_replay_parts(records, replay)]
+        parts = [(f"phase {ph.name!r} selection", idx, w, own), *_replay_parts(main_records, replay)]
         entries, weights = mixture(parts, f"{where}.phases.{i}")
         shares = {"own": own, "general": replay.general, "perception": replay.perception}
         plans.append(PhasePlan(ph.name, ph.steps, ph.optim or cfg.optim, entries, weights, shares))
     if cfg.restore is not None:
         rs = cfg.restore
-        union = sorted({i for ph in cfg.phases for i in phase_pool(records, ph.select)[0]})
+        union = sorted({i for ph, span in zip(cfg.phases, spans) for i in _pool_in(records, span, ph.select)[0]})
         own = 1.0 - rs.general - rs.perception
-        parts = [("curriculum union", union, None, own), *_replay_parts(records, (rs.general, rs.perception))]
+        parts = [("curriculum union", union, None, own), *_replay_parts(main_records, (rs.general, rs.perception))]
         entries, weights = mixture(parts, f"{where}.restore")
         plans.append(PhasePlan("restore", rs.steps, rs.optim or cfg.optim, entries, weights, {"own": own, "general": rs.general, "perception": rs.perception}))
     if not cfg.curriculum:

@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from sft.curriculum import RecordStream
-from vlrl.data.images import RecordDataset
+from vlrl.data.images import RecordDataset, RecordDatasets
 from vlrl.errors import VlrlError
 from vlrl.model.batching import collate_for_training
 from vlrl.model.packing import Segment, collate_packed, encode_segments, first_fit
@@ -41,7 +41,7 @@ class FeedStats:
 
 @dataclass
 class Feed:
-    dataset: RecordDataset
+    dataset: RecordDataset | RecordDatasets
     processor: object
     stream: RecordStream
     batch_size: int

@@ -24,7 +24,7 @@ from vlrl.recipe_sft import SftStage
 
 def run_stage(ctx) -> dict:
     cfg: SftStage = ctx.config
-    from vlrl.data.images import RecordDataset
+    from vlrl.data.images import RecordDataset, RecordDatasets
     from vlrl.data.io import split_path
     from vlrl.model.loading import component_of, load_processor, set_trainable
     from vlrl.model.packing import PackedForward
@@ -46,11 +46,19 @@ def run_stage(ctx) -> dict:
         ctx.console.print(f"images resized within {processor.image_processor.size['shortest_edge']:,}"
                           f"-{processor.image_processor.size['longest_edge']:,} pixels")
     set_trainable(model, ("language", "vision", "projector"))
-    dataset = RecordDataset(split_path(ctx.inputs["data"], "train"), on_bad_image=cfg.on_bad_image)
+    paths = [split_path(ctx.inputs["data"], "train")]
+    for pi in range(len(cfg.phases)):
+        own = split_path(ctx.inputs.get(f"phases.{pi}.data", ctx.inputs["data"]), "train")
+        if own not in paths:
+            paths.append(own)
+    dataset = RecordDatasets([RecordDataset(p, on_bad_image=cfg.on_bad_image) for p in paths])
     records = dataset.records
-    plans = build_plan(records, cfg, f"stages.{ctx.name}")
+    sources = [split_path(ctx.inputs.get(f"phases.{pi}.data", ctx.inputs["data"]), "train") for pi in range(len(cfg.phases))]
+    plans = build_plan(records, cfg, f"stages.{ctx.name}", spans=[dataset.span(p) for p in sources], main=dataset.span(paths[0])[1])
+    sources += [None] * (len(plans) - len(sources))  # the restore draws from every phase's corpus
     (ctx.dir / "plan.json").write_text(json.dumps(
-        [{"name": p.name, "steps": p.steps, "lr": p.optim.lr, "shares": p.shares, "families": family_shares(records, p)} for p in plans], indent=2))
+        [{"name": p.name, "steps": p.steps, "lr": p.optim.lr, "shares": p.shares, "families": family_shares(records, p),
+          "source": str(src) if src else "phases", "replay_source": str(paths[0])} for p, src in zip(plans, sources)], indent=2))
 
     state = TrainerState()
     if prior is not None:

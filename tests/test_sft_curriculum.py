@@ -101,3 +101,41 @@ def test_feed_resumed_from_its_tracker_yields_the_same_batches(data, packed):
     if packed:
         # Every drawn position is trained on exactly once or still pending.
         assert whole.stats.consumed + len(whole.pending) == whole.cursor
+
+
+@pytest.fixture(scope="module")
+def two_corpora(tmp_path_factory, data):
+    """The stage's data, then a second corpus of reasoning only, read as one list."""
+    from vlrl.data.images import RecordDatasets
+
+    d = tmp_path_factory.mktemp("corpus2")
+    make_dataset(d, seed=9, n=60, n_eval=4, families_mix={"reasoning": 1.0})
+    return RecordDatasets([data, RecordDataset(d / "train.jsonl")])
+
+
+def test_a_phase_draws_its_selection_from_its_own_corpus(two_corpora, data):
+    both = two_corpora
+    recs = both.records
+    main, second = both.span(data.path), both.span(both.parts[1].path)
+    assert main == (0, len(data)) and second == (len(data), len(recs))
+    assert both[second[0]].record == both.parts[1][0].record  # index i of the list is the i-th record of the concatenation
+    cfg = _cfg(restore={"steps": 4, "general": 0.5, "perception": 0.25})
+    plans = build_plan(recs, cfg, "stages.sft", spans=[second, main], main=main[1])
+    own, replay = plans[0], plans[1]
+    in_second = [e for e in own.entries if e >= second[0]]
+    # phase 0: its 60% own share comes from the second corpus only, replay from the stage's data only
+    assert sum(w for e, w in zip(own.entries, own.weights) if e >= second[0]) == pytest.approx(0.6)
+    assert {recs[e].family for e in in_second} == {"reasoning"} and {recs[e].difficulty for e in in_second} <= {1, 2}
+    assert all(recs[e].family != "reasoning" for e in own.entries if e < second[0])
+    # phase 1 draws nothing from the second corpus; the restore's union includes phase 0's records there
+    assert max(replay.entries) < second[0]
+    assert set(in_second) <= set(plans[2].entries)
+    with pytest.raises(IndexError):
+        both[len(recs)]
+
+
+def test_a_phase_corpus_without_matching_records_is_refused(two_corpora, data):
+    both = two_corpora
+    cfg = _cfg(phases=[{"name": "p", "select": {"families": ["perception"]}, "steps": 2}])
+    with pytest.raises(VlrlError, match="stages.sft.phases.0: the phase 'p' selection part .* matches no training records"):
+        build_plan(both.records, cfg, "stages.sft", spans=[both.span(both.parts[1].path)], main=len(data))

@@ -192,3 +192,23 @@ def test_crossed_pixel_bounds_are_refused(tmp_path):
     raw = recipe(tmp_path / "x", BASE | {"sft": sft_config(min_pixels=5000, max_pixels=4000)})
     with pytest.raises(RecipeError, match="min_pixels"):
         validate_recipe(raw, "r.yaml")
+
+
+def test_a_phase_reads_its_own_data_stage(tmp_path):
+    """`data:` on an SFT phase: that phase's selection comes from another data stage (its
+    own corpus), replay from the stage's data; the plan says which file each phase used."""
+    from vlrl.runner import run_recipe
+
+    phases = [{"name": "own", "data": "extra", "select": {"families": ["reasoning"]}, "steps": 2},
+              {"name": "main", "select": {"families": ["reasoning"]}, "steps": 2}]
+    stages = BASE | {"extra": {"kind": "data", "n": 30, "n_eval": 2, "seed": 5, "mix": {"reasoning": 1.0}},
+                     "sft": sft_config(phases=phases, eval=False)}
+    run_recipe(validate_recipe(recipe(tmp_path / "run", stages)))
+    plan = json.loads((tmp_path / "run" / "sft" / "plan.json").read_text())
+    assert [Path(p["source"]).parent.name for p in plan[:2]] == ["extra", "data"] and plan[2]["source"] == "phases"
+    assert all(Path(p["replay_source"]).parent.name == "data" for p in plan)
+    assert plan[0]["families"]["reasoning"] == pytest.approx(0.6)
+
+    bad = BASE | {"sft": sft_config(phases=[{"name": "own", "data": "nowhere", "steps": 1}])}
+    with pytest.raises(RecipeError, match="stages.sft.phases.0.data: 'nowhere' names no earlier stage"):
+        validate_recipe(recipe(tmp_path / "bad", bad), "r.yaml")

@@ -37,6 +37,8 @@ class SftPhase(_Strict):
     steps: int = Field(..., ge=1)
     optim: OptimSpec | None = Field(None, description="None = the stage's optim")
     replay: ReplaySpec | None = Field(None, description="None = the stage's replay")
+    data: str | None = Field(None, description="a data stage or folder this phase's own selection draws from instead of "
+                             "the stage's `data` (MindGPT-4ov: each phase its own corpus); replay stays on the stage's data")
 
 
 class RestorePhase(_Strict):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import bisect
 import io
 import struct
 from dataclasses import dataclass
@@ -107,3 +108,45 @@ class RecordDataset:
             self.skip_reasons[row] = str(e)
             return None
         return Sample(record, images, row)
+
+
+class RecordDatasets:
+    """Several record files read as one list (the stage's data first), for stages whose
+    phases draw from corpora of their own: index i is the i-th record of the concatenation,
+    so samplers and the consumed-data tracker stay plain integer streams."""
+
+    def __init__(self, parts: list[RecordDataset]) -> None:
+        if not parts:
+            raise DataError("no record files to read")
+        self.parts = parts
+        self._starts = [0]
+        for d in parts:
+            self._starts.append(self._starts[-1] + len(d))
+
+    @property
+    def path(self) -> Path:
+        return self.parts[0].path
+
+    @property
+    def records(self) -> list[Record]:
+        return [r for d in self.parts for r in d.records]
+
+    @property
+    def skipped(self) -> int:
+        return sum(d.skipped for d in self.parts)
+
+    def span(self, path: Path) -> tuple[int, int]:
+        """[start, stop) of that file's records in the concatenation."""
+        for k, d in enumerate(self.parts):
+            if d.path == Path(path):
+                return self._starts[k], self._starts[k + 1]
+        raise KeyError(path)
+
+    def __len__(self) -> int:
+        return self._starts[-1]
+
+    def __getitem__(self, i: int) -> Sample | None:
+        if not 0 <= i < len(self):
+            raise IndexError(i)
+        k = bisect.bisect_right(self._starts, i) - 1
+        return self.parts[k][i - self._starts[k]]

@@ -38,6 +38,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rlhf import algos as A
 from rlhf.batch import build_policy_batch
 from rlhf.checkpoint import read_checkpoint
+from rlhf.health import TruncationWatch, length_is_penalised
 from sft.state import rng_state, set_rng_state
 from rlhf.curriculum import PromptCurriculum
 from rlhf.placement import RankGroup, check_resources, make_rollout_pool, rank_bundles, spawn, spawn_ranks, start_ray, stop_ray
@@ -492,18 +493,27 @@ def run_stage(ctx) -> dict:
     try:
         ctl = Controller(ctx, cfg)
         last: dict[str, float] = {}
+        warnings: list[str] = []
+        watch = TruncationWatch(
+            masked=cfg.algo.mask_truncated, penalised=length_is_penalised(cfg.reward_terms, cfg.rewards), max_tokens=cfg.rollout.max_tokens
+        )
         with _progress(ctx.console) as progress:
             task = progress.add_task("rl", total=cfg.steps, completed=ctl.start, reward=math.nan, tps=0.0)
             for s in range(ctl.start, cfg.steps):
                 last = ctl.step(s)
                 ctl.tracker.log(last, step=s + 1)
+                warning = watch.update(s + 1, last.get("batch/truncated_frac"))
+                if warning is not None:
+                    warnings.append(warning)
+                    progress.console.print(f"[yellow]warning:[/] {warning}")
                 progress.update(task, completed=s + 1, reward=last.get("reward/total/mean", math.nan), tps=last["perf/rollout_tokens_per_s"])
                 if (s + 1) % cfg.checkpoint_every == 0 and s + 1 != cfg.steps:
                     ctl.checkpoint(s + 1)
         ctl.trainer.save_pretrained(final)
         ctl.checkpoint(cfg.steps, complete=True)
         ctx.console.print(f"rl checkpoint: {final} ({cfg.steps} steps, {ctl.pool.restarts} rollout worker restart(s))")
-        return {"steps": cfg.steps, "reward_mean": last.get("reward/total/mean"), "rollout_restarts": ctl.pool.restarts}
+        summary = {"steps": cfg.steps, "reward_mean": last.get("reward/total/mean"), "rollout_restarts": ctl.pool.restarts}
+        return {**summary, "warnings": warnings} if warnings else summary
     finally:
         if ctl is not None:
             ctl.close()

@@ -75,7 +75,10 @@ def _pretrain_tower(ctx, path: Path, st) -> dict:
     from vlrl.model.vision_pretrain import pretrain_vision
 
     spec = st.vision_pretrain
-    model, processor = load_model(path, device=ctx.device.kind), load_processor(path)
+    # float32 whatever the device: this trains the tower and writes it back into the
+    # checkpoint (an accelerator's bf16 load default would crash the float32 probe and
+    # save a bf16 checkpoint; seen on an H200, 2026-12-04).
+    model, processor = load_model(path, device=ctx.device.kind, dtype="float32"), load_processor(path)
     tracker = ctx.tracker()
     try:
         with ctx.console.status("vision tower: scene-label pretraining") as status:

@@ -6,12 +6,13 @@ PackedForward) on the same checkpoint and the same record stream. Throughput is
 real (non-pad) tokens per second of wall time, data preparation included. Rounds
 alternate (plain, packed, plain, packed, ...) and the median of the per-round
 ratios is reported, since this machine is shared and noisy. Target: packed / plain >= 1.5.
-With SDPA a third mode runs the same packed batches through transformers' dense
-block-diagonal mask instead of per-record attention (vlrl.model.packed_attention), to
-show what that path costs.
+"packed" uses the attention the SFT stage uses on this device (PackedForward's default:
+record by record on CPU, vlrl.model.packed_attention; transformers' dense block-diagonal
+mask on accelerators); a third mode runs the same packed batches through the other one,
+to show what the choice is worth (docs/backends.md has the H200 numbers).
 
 Usage: python bench/bench_sft_packing.py [--data runs/tiny/data] [--model runs/tiny/pretrain/checkpoint]  (after `make demo`)
-                                         [--steps 8] [--rounds 3] [--batch-size 16] [--rows 4] [--pack-length 512]
+                                         [--steps 8] [--rounds 3] [--batch-size 16] [--rows 4] [--pack-length 512] [--device cpu]
 """
 
 from __future__ import annotations
@@ -24,21 +25,24 @@ import torch
 
 from sft.curriculum import RecordStream, build_plan
 from sft.feed import Feed
-from sft.trainer import make_optimizer, optimizer_step
+from sft.trainer import make_optimizer, optimizer_step, to_device
 from vlrl.data.images import RecordDataset
 from vlrl.data.io import split_path
+from vlrl.device import resolve_device
 from vlrl.model.loading import component_of, load_model, load_processor
 from vlrl.model.packing import PackedForward
 from vlrl.recipe_sft import PackingSpec, SftStage
 
 
-def run(feed: Feed, forward, optimizer, steps: int) -> tuple[float, float]:
+def run(feed: Feed, forward, optimizer, steps: int, device: torch.device) -> tuple[float, float]:
     """(real tokens per second, packing efficiency) over `steps` optimizer steps."""
     tokens, t0 = 0, time.perf_counter()
     for _ in range(steps):
         mb = feed.micro_batch()
         tokens += int(mb["attention_mask"].sum())
-        optimizer_step(forward, optimizer, [mb], lr=1e-4, grad_clip=1.0)
+        optimizer_step(forward, optimizer, [to_device(mb, device)], lr=1e-4, grad_clip=1.0)
+    if device.type == "cuda":
+        torch.cuda.synchronize()  # the last step's kernels belong to this round's time
     return tokens / (time.perf_counter() - t0), feed.stats.window()
 
 
@@ -53,46 +57,48 @@ def main() -> None:
     ap.add_argument("--pack-length", type=int, default=512)
     ap.add_argument("--max-length", type=int, default=160, help="per-record token limit")
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--device", default="cpu", help="cpu, cuda, npu or auto")
     args = ap.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    spec = resolve_device(args.device)
+    spec.configure(threads=args.threads)
+    device = spec.torch_device
 
     torch.manual_seed(0)
-    model = load_model(args.model, device="cpu")
+    model = load_model(args.model, device=spec.kind)
     processor = load_processor(args.model)
     dataset = RecordDataset(split_path(args.data, "train"))
     cfg = SftStage.model_validate({"from": args.model, "data": args.data, "phases": [{"name": "all", "steps": 1}], "replay": {"general": 0.1, "perception": 0.3}})
     plan = build_plan(dataset.records, cfg, "bench")[0]
-    forward = PackedForward(model)
-    dense = PackedForward(model)
-    dense.by_record = False  # transformers' dense block-diagonal mask, for reference
+    forward = PackedForward(model)  # the stage's choice on this device
+    other = PackedForward(model, by_record=not forward.by_record)
+    other_name = "by-record" if other.by_record else "dense"
     optimizer = make_optimizer(model.named_parameters(), cfg.optim, component_of)
     plain = Feed(dataset, processor, RecordStream(plan, seed=0, phase=0), batch_size=args.batch_size, max_length=args.max_length,
                  packing=PackingSpec(enabled=False))
     packed = Feed(dataset, processor, RecordStream(plan, seed=0, phase=0), batch_size=args.rows, max_length=args.max_length,
                   packing=PackingSpec(enabled=True, max_length=args.pack_length), rope_index=model.model.get_rope_index)
     model.train()
-    run(plain, forward, optimizer, 2)  # warm-up both paths
-    run(packed, forward, optimizer, 2)
-    modes = [("plain", plain, forward), ("packed", packed, forward)] + ([("dense", packed, dense)] if forward.by_record else [])
+    run(plain, forward, optimizer, 2, device)  # warm-up both paths
+    run(packed, forward, optimizer, 2, device)
+    modes = [("plain", plain, forward), ("packed", packed, forward), (other_name, packed, other)]
     res: dict[str, list[float]] = {name: [] for name, _, _ in modes}
     eff: dict[str, list[float]] = {name: [] for name, _, _ in modes}
     for r in range(args.rounds):
         for name, feed, fwd in modes:
-            tps, e = run(feed, fwd, optimizer, args.steps)
+            tps, e = run(feed, fwd, optimizer, args.steps, device)
             res[name].append(tps)
             eff[name].append(e)
         print(f"round {r + 1}: " + ", ".join(f"{n} {res[n][-1]:,.0f} tok/s" for n in res)
               + f", ratio {res['packed'][-1] / res['plain'][-1]:.2f}x")
     p, q = statistics.median(res["plain"]), statistics.median(res["packed"])
-    print(f"threads {torch.get_num_threads()}; plain: {args.batch_size} records/batch padded to the longest; "
+    print(f"device {spec.kind}, threads {torch.get_num_threads()}; plain: {args.batch_size} records/batch padded to the longest; "
           f"packed: {args.rows} rows x {args.pack_length} tokens")
     print(f"plain : {p:,.0f} real tok/s (non-pad share {statistics.mean(eff['plain']):.2f})")
-    print(f"packed: {q:,.0f} real tok/s (non-pad share {statistics.mean(eff['packed']):.2f})")
-    if "dense" in res:
-        dr = [b / a for a, b in zip(res["plain"], res["dense"])]
-        print(f"packed with a dense block-diagonal mask instead of per-record attention: {statistics.median(res['dense']):,.0f} "
-              f"real tok/s, ratio to plain {statistics.median(dr):.2f}x (reference)")
+    mine = "by-record" if forward.by_record else "dense"
+    print(f"packed: {q:,.0f} real tok/s (non-pad share {statistics.mean(eff['packed']):.2f}; {mine} attention, this device's default)")
+    dr = [b / a for a, b in zip(res["plain"], res[other_name])]
+    print(f"packed with {other_name} attention instead: {statistics.median(res[other_name]):,.0f} "
+          f"real tok/s, ratio to plain {statistics.median(dr):.2f}x (reference)")
     ratios = [b / a for a, b in zip(res["plain"], res["packed"])]
     print(f"ratio packed/plain: {statistics.median(ratios):.2f}x median of per-round ratios "
           f"(range {min(ratios):.2f}-{max(ratios):.2f}; ratio of medians {q / p:.2f}x; target >= 1.5x)")

@@ -170,3 +170,17 @@ def test_only_sdpa_is_switched():
     model.set_attn_implementation("eager")
     assert not PackedForward(model).by_record
     assert language_config(model)._attn_implementation == "eager"
+
+
+def test_record_by_record_is_the_cpu_default_and_accelerators_keep_sdpa():
+    from vlrl.model.packed_attention import language_config
+
+    model, _ = build_tiny_model(CORPUS, preset="micro", seed=0)
+    assert not PackedForward(model, by_record=False).by_record
+    assert language_config(model)._attn_implementation == "sdpa"  # the dense path changes nothing
+    model.to("meta")  # parameters off the CPU, as on a GPU: the dense block-diagonal mask
+    assert not PackedForward(model).by_record
+    assert language_config(model)._attn_implementation == "sdpa"
+    model.to_empty(device="cpu")
+    assert PackedForward(model).by_record
+

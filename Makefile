@@ -21,7 +21,7 @@ CHROMIUM ?= /usr/bin/chromium
 VLLM_VENV  ?= .venv-vllm
 VLLM_STAMP := $(VLLM_VENV)/.vlrl-installed
 
-.PHONY: install browser demo test test-main test-vllm test-slow bench bench-rl clean-runs
+.PHONY: install browser demo test test-main test-vllm test-slow test-gpu gpu-check bench bench-rl clean-runs
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -60,6 +60,14 @@ test-vllm: $(VLLM_STAMP)
 
 test-slow: $(STAMP) browser
 	$(PY) -m pytest -q -m slow
+
+# On a CUDA machine: the CPU suite's key checks rerun on the GPU (tests/test_cuda.py), and
+# scripts/gpu_check.sh adds a shortened tiny recipe on cuda and the benches on the device.
+test-gpu: $(STAMP)
+	$(PY) -m pytest -q -m gpu tests/test_cuda.py
+
+gpu-check: $(STAMP)
+	PY=$(PY) scripts/gpu_check.sh
 
 bench: $(STAMP)
 	$(PY) bench/bench_pretrain.py

@@ -14,7 +14,7 @@ max_new_tokens, which hides what dropping finished rows is worth; `--train-steps
 measures that case). `--model DIR` benches a saved checkpoint instead.
 
 Usage: python bench/bench_rollout.py [--prompts 32] [--n 4] [--max-new-tokens 48]
-       [--rounds 3] [--preset tiny] [--train-steps 60] [--model DIR] [--threads N]
+       [--rounds 3] [--preset tiny] [--train-steps 60] [--model DIR] [--threads N] [--device cpu|cuda|npu]
 """
 
 from __future__ import annotations
@@ -44,13 +44,21 @@ def quick_train(model, processor, samples, steps: int, batch_size: int = 16) -> 
     format and the end token, so rollout lengths vary."""
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=2e-3)
+    device = next(model.parameters()).device
     for k in range(steps):
         chunk = [samples[(k * batch_size + j) % len(samples)] for j in range(batch_size)]
-        loss = model(**collate_for_training(chunk, processor, max_length=192)).loss
+        batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in collate_for_training(chunk, processor, max_length=192).items()}
+        loss = model(**batch).loss
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
     model.eval()
+
+
+def sync(device: torch.device) -> None:
+    """Wait for queued kernels, so that wall-clock times on an accelerator are whole."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
 
 
 def generate_baseline(model, processor, requests, params: SamplingParams, stop_ids) -> tuple[float, list[int]]:
@@ -60,10 +68,13 @@ def generate_baseline(model, processor, requests, params: SamplingParams, stop_i
         max_new_tokens=params.max_new_tokens, eos_token_id=list(stop_ids), pad_token_id=processor.tokenizer.pad_token_id,
         use_cache=True,
     )
+    device = next(model.parameters()).device
+    sync(device)
     t = time.perf_counter()
-    batch = collate_for_generation(requests, processor)
+    batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in collate_for_generation(requests, processor).items()}
     with torch.inference_mode():
         out = model.generate(**batch, generation_config=cfg)[:, batch["input_ids"].shape[1] :]  # (B*n, T_new)
+    sync(device)
     seconds = time.perf_counter() - t
     stops = set(stop_ids)
     lengths = []
@@ -84,16 +95,21 @@ def main() -> None:
     ap.add_argument("--train-steps", type=int, default=60)
     ap.add_argument("--model", type=Path, default=None, help="a saved checkpoint directory instead of a fresh tiny model")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1: this 2-core machine is shared, and 2 threads made rounds erratic)")
+    ap.add_argument("--device", default="cpu", help="cpu, cuda, npu or auto (the engine and generate share it)")
+    ap.add_argument("--max-batch-rows", type=int, default=None,
+                    help="the engine's rows (prompts x n) decoded together (default: HFEngine's); generate always takes all")
     args = ap.parse_args()
 
-    resolve_device("cpu").configure(threads=args.threads)
+    spec = resolve_device(args.device)
+    spec.configure(threads=args.threads)
     work = Path(tempfile.mkdtemp(prefix="vlrl-bench-rollout-"))
     make_dataset(work / "data", seed=0, n=400, n_eval=args.prompts)
     if args.model is not None:
-        model, processor = load_model(args.model, device="cpu", trainable=False), load_processor(args.model)
+        model, processor = load_model(args.model, device=spec.kind, trainable=False), load_processor(args.model)
         trained = f"checkpoint {args.model}"
     else:
         model, processor = build_tiny_model(corpus_texts(0, 3000), preset=args.preset, seed=0)
+        model.to(spec.torch_device)
         t = time.perf_counter()
         train = RecordDataset(split_path(work / "data", "train"))
         quick_train(model, processor, [train[i] for i in range(len(train))], args.train_steps)
@@ -102,13 +118,16 @@ def main() -> None:
     evals = RecordDataset(split_path(work / "data", "eval"))
     requests = [GenerationRequest.from_sample(evals[i], request_id=str(i)) for i in range(min(args.prompts, len(evals)))]
     params = SamplingParams(n=args.n, temperature=args.temperature, max_new_tokens=args.max_new_tokens, seed=0)
-    engine = HFEngine(model, processor)
-    plain = HFEngine(model, processor, fast_decode=False)  # ablation: transformers' DynamicCache + sdpa
+    rows = {} if args.max_batch_rows is None else {"max_batch_rows": args.max_batch_rows}
+    engine = HFEngine(model, processor, **rows)
+    plain = HFEngine(model, processor, fast_decode=False, **rows)  # ablation: transformers' DynamicCache + sdpa
 
     eng_tps, gen_tps, plain_tps, eng_len, gen_len = [], [], [], [], []
     for r in range(args.rounds):
+        sync(spec.torch_device)
         t = time.perf_counter()
         groups = engine.generate(requests, params.model_copy(update={"seed": r}))
+        sync(spec.torch_device)
         dt = time.perf_counter() - t  # includes collation and building completions
         lengths = [len(c.token_ids) for g in groups for c in g]
         eng_tps.append(sum(lengths) / dt)
@@ -123,8 +142,9 @@ def main() -> None:
 
     e, g = statistics.median(eng_tps), statistics.median(gen_tps)
     done = lambda ls: sum(x < args.max_new_tokens for x in ls) / len(ls)  # noqa: E731
-    print(f"model: {trained}; threads={torch.get_num_threads()}")
-    print(f"{len(requests)} prompts x n={args.n}, max_new_tokens={args.max_new_tokens}, temperature={args.temperature}, rounds={args.rounds}")
+    print(f"model: {trained}; device={spec.kind}; threads={torch.get_num_threads()}")
+    print(f"{len(requests)} prompts x n={args.n}, max_new_tokens={args.max_new_tokens}, temperature={args.temperature}, rounds={args.rounds}, "
+          f"engine max_batch_rows={engine.max_batch_rows}")
     print(f"HFEngine       : {e:8.0f} tokens/s  rounds={['%.0f' % x for x in eng_tps]}  mean len {statistics.mean(eng_len):.1f}, ended early {done(eng_len):.0%}")
     print(f"model.generate : {g:8.0f} tokens/s  rounds={['%.0f' % x for x in gen_tps]}  mean len {statistics.mean(gen_len):.1f}, ended early {done(gen_len):.0%}")
     p = statistics.median(plain_tps)

@@ -27,6 +27,7 @@ from vlrl_test_helpers import train_micro
 torch.set_num_threads(1)  # the cores are shared; the runner sets threads=1 for the stages too
 
 STEPS, PROMPTS, N = 3, 4, 4
+DEVICE = "cpu"  # tests/test_cuda.py reruns some of these tests with "cuda"
 
 
 def build_micro_start(root: Path) -> tuple[Path, Path]:
@@ -55,7 +56,7 @@ def rl_recipe(run_dir: Path, data: Path, ckpt: Path, **rl) -> dict:
     }
     for k, v in rl.items():
         stage[k] = {**stage[k], **v} if isinstance(v, dict) and isinstance(stage.get(k), dict) else v
-    return {"name": "rlmicro", "run_dir": str(run_dir), "device": "cpu", "threads": 1, "tracking": {"tensorboard": False}, "stages": {"rl": stage}}
+    return {"name": "rlmicro", "run_dir": str(run_dir), "device": DEVICE, "threads": 1, "tracking": {"tensorboard": False}, "stages": {"rl": stage}}
 
 
 @pytest.fixture(scope="module")

@@ -21,6 +21,7 @@ from vlrl.recipe import validate_recipe
 from vlrl.tracking import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
+DEVICE = "cpu"  # tests/test_cuda.py reruns some of these tests with "cuda"
 
 
 def sft_config(src: str = "model", data: str = "data", **over) -> dict:
@@ -46,7 +47,7 @@ def recipe(run_dir: Path, stages: dict) -> dict:
     return {
         "name": "sft-micro",
         "run_dir": str(run_dir),
-        "device": "cpu",
+        "device": DEVICE,
         "threads": 1,
         "tracking": {"tensorboard": False},
         "eval": {"data": "data", "limit": 12, "batch_size": 12, "max_new_tokens": 8},

@@ -122,23 +122,27 @@ def test_engine_greedy_on_cuda_equals_generate_on_cuda_and_the_cpu_engine(traine
         assert np.allclose(c.logprobs, c_cpu.logprobs, atol=1e-4), f"row {b}"
 
 
+@torch.no_grad()
+def _teacher_forced(model, processor, request, tokens: list[int]) -> torch.Tensor:
+    """(L,) raw logprobs of `tokens` after the prompt, from one unbatched forward on the GPU."""
+    batch = _to(collate_for_generation([request], processor), "cuda")
+    resp = torch.tensor([tokens], device="cuda")
+    ids = torch.cat([batch["input_ids"], resp], 1)
+    mm = torch.cat([batch["mm_token_type_ids"], torch.zeros_like(resp)], 1)
+    extra = {k: batch[k] for k in ("pixel_values", "image_grid_thw") if k in batch}
+    logits = model(input_ids=ids, attention_mask=torch.ones_like(ids), mm_token_type_ids=mm, **extra).logits
+    t = batch["input_ids"].shape[1]
+    logp = logits[0, t - 1 : t - 1 + len(tokens)].float().log_softmax(-1)  # (L, V)
+    return logp[torch.arange(len(tokens)), resp[0]].cpu()
+
+
 def test_sampled_logprobs_on_cuda_equal_a_teacher_forced_forward(trained):
     _, model, processor, requests = trained
     engine = HFEngine(model, processor, logprobs_mode="raw")
     groups = engine.generate(requests[:6], SamplingParams(n=2, temperature=0.7, max_new_tokens=12, seed=3))
     for req, group in zip(requests[:6], groups):
         for c in group:
-            batch = _to(collate_for_generation([req], processor), "cuda")
-            resp = torch.tensor([c.token_ids], device="cuda")
-            ids = torch.cat([batch["input_ids"], resp], 1)
-            mm = torch.cat([batch["mm_token_type_ids"], torch.zeros_like(resp)], 1)
-            extra = {k: batch[k] for k in ("pixel_values", "image_grid_thw") if k in batch}
-            with torch.no_grad():
-                logits = model(input_ids=ids, attention_mask=torch.ones_like(ids), mm_token_type_ids=mm, **extra).logits
-            t = batch["input_ids"].shape[1]
-            ref = logits[0, t - 1 : t - 1 + len(c.token_ids)].float().log_softmax(-1)
-            ref = ref[torch.arange(len(c.token_ids)), resp[0]].cpu().numpy()
-            assert np.allclose(c.logprobs, ref, atol=1e-4), req.request_id
+            assert np.allclose(c.logprobs, _teacher_forced(model, processor, req, c.token_ids).numpy(), atol=1e-4), req.request_id
 
 
 def test_bf16_engine_beside_the_float32_engine(trained):
@@ -151,16 +155,7 @@ def test_bf16_engine_beside_the_float32_engine(trained):
     diffs = []
     for req, group in zip(requests[:8], got):
         for c in group:
-            batch = _to(collate_for_generation([req], processor), "cuda")
-            resp = torch.tensor([c.token_ids], device="cuda")
-            ids = torch.cat([batch["input_ids"], resp], 1)
-            mm = torch.cat([batch["mm_token_type_ids"], torch.zeros_like(resp)], 1)
-            extra = {k: batch[k] for k in ("pixel_values", "image_grid_thw") if k in batch}
-            with torch.no_grad():
-                logits = model(input_ids=ids, attention_mask=torch.ones_like(ids), mm_token_type_ids=mm, **extra).logits
-            t = batch["input_ids"].shape[1]
-            ref = logits[0, t - 1 : t - 1 + len(c.token_ids)].float().log_softmax(-1)[torch.arange(len(c.token_ids)), resp[0]]
-            diffs.extend((torch.tensor(c.logprobs) - ref.cpu()).abs().tolist())
+            diffs.extend((torch.tensor(c.logprobs) - _teacher_forced(model, processor, req, c.token_ids)).abs().tolist())
     mean, worst = float(np.mean(diffs)), float(np.max(diffs))
     print(f"bf16 engine vs float32 forward: mean |dlogprob| {mean:.4f}, max {worst:.4f} over {len(diffs)} tokens")
     assert 0.0 < mean < 0.05 and worst < 1.0

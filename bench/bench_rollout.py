@@ -30,6 +30,7 @@ from transformers import GenerationConfig
 
 from rollout.engine import GenerationRequest, SamplingParams
 from rollout.hf_engine import HFEngine
+from sft.trainer import to_device
 from vlrl.data.images import RecordDataset
 from vlrl.data.io import split_path
 from vlrl.data.synth import corpus_texts, make_dataset
@@ -47,8 +48,7 @@ def quick_train(model, processor, samples, steps: int, batch_size: int = 16) -> 
     device = next(model.parameters()).device
     for k in range(steps):
         chunk = [samples[(k * batch_size + j) % len(samples)] for j in range(batch_size)]
-        batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in collate_for_training(chunk, processor, max_length=192).items()}
-        loss = model(**batch).loss
+        loss = model(**to_device(collate_for_training(chunk, processor, max_length=192), device)).loss
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -71,7 +71,7 @@ def generate_baseline(model, processor, requests, params: SamplingParams, stop_i
     device = next(model.parameters()).device
     sync(device)
     t = time.perf_counter()
-    batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in collate_for_generation(requests, processor).items()}
+    batch = to_device(collate_for_generation(requests, processor), device)
     with torch.inference_mode():
         out = model.generate(**batch, generation_config=cfg)[:, batch["input_ids"].shape[1] :]  # (B*n, T_new)
     sync(device)

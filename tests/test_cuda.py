@@ -20,6 +20,7 @@ import test_rl_stage_ray
 import test_sft_stage
 from rollout.engine import GenerationRequest, SamplingParams
 from rollout.hf_engine import HFEngine
+from sft.trainer import to_device
 from vlrl.device import resolve_device
 from vlrl.eval import _greedy_config
 from vlrl.model.batching import IGNORE_INDEX, collate_for_generation, collate_for_training
@@ -53,10 +54,6 @@ def cuda(monkeypatch):
     torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
 
 
-def _to(batch: dict, device) -> dict:
-    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-
-
 def test_auto_picks_cuda_with_nccl_and_ray_gpu_fractions():
     from rlhf.placement import actor_options
 
@@ -77,11 +74,11 @@ def test_packed_batch_gives_each_record_its_own_loss_on_cuda():
     segs = encode_segments(samples, processor, max_length=256)
     T = sum(s.length for s in segs[:3]) + 5
     packed = collate_packed([segs[:3], segs[3:]], processor, max_length=T, rope_index=model.model.get_rope_index)
-    inputs = _to(packed.inputs, "cuda")
+    inputs = to_device(packed.inputs, "cuda")
     logits = PackedForward(model)(**{k: v for k, v in inputs.items() if k != "labels"}).logits
     got = span_losses(logits, inputs["labels"], packed.spans)
     for s, (loss, n) in zip(samples, got):
-        batch = _to(collate_for_training([s], processor, max_length=256), "cuda")
+        batch = to_device(collate_for_training([s], processor, max_length=256), "cuda")
         alone = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
         lb = batch["labels"][0, 1:]
         keep = lb != IGNORE_INDEX
@@ -104,7 +101,7 @@ def trained():
 def test_engine_greedy_on_cuda_equals_generate_on_cuda_and_the_cpu_engine(trained, fast_decode):
     cpu_model, model, processor, requests = trained
     got = HFEngine(model, processor, logprobs_mode="raw", fast_decode=fast_decode).generate(requests, SamplingParams(temperature=0.0, max_new_tokens=24))
-    batch = _to(collate_for_generation(requests, processor), "cuda")
+    batch = to_device(collate_for_generation(requests, processor), "cuda")
     cfg = _greedy_config(model, processor, 24)
     cfg.update(return_dict_in_generate=True, output_logits=True)
     out = model.generate(**batch, generation_config=cfg)
@@ -125,7 +122,7 @@ def test_engine_greedy_on_cuda_equals_generate_on_cuda_and_the_cpu_engine(traine
 @torch.no_grad()
 def _teacher_forced(model, processor, request, tokens: list[int]) -> torch.Tensor:
     """(L,) raw logprobs of `tokens` after the prompt, from one unbatched forward on the GPU."""
-    batch = _to(collate_for_generation([request], processor), "cuda")
+    batch = to_device(collate_for_generation([request], processor), "cuda")
     resp = torch.tensor([tokens], device="cuda")
     ids = torch.cat([batch["input_ids"], resp], 1)
     mm = torch.cat([batch["mm_token_type_ids"], torch.zeros_like(resp)], 1)

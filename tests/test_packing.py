@@ -183,4 +183,3 @@ def test_record_by_record_is_the_cpu_default_and_accelerators_keep_sdpa():
     assert language_config(model)._attn_implementation == "sdpa"
     model.to_empty(device="cpu")
     assert PackedForward(model).by_record
-

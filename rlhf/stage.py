@@ -512,7 +512,10 @@ def run_stage(ctx) -> dict:
         ctl.trainer.save_pretrained(final)
         ctl.checkpoint(cfg.steps, complete=True)
         ctx.console.print(f"rl checkpoint: {final} ({cfg.steps} steps, {ctl.pool.restarts} rollout worker restart(s))")
-        summary = {"steps": cfg.steps, "reward_mean": last.get("reward/total/mean"), "rollout_restarts": ctl.pool.restarts}
+        groups, records = ctl.store.prompt_reuse()
+        ctx.console.print(f"prompts sampled: {groups:,} groups from {records:,} distinct records ({groups / max(records, 1):.1f} per record)")
+        summary = {"steps": cfg.steps, "reward_mean": last.get("reward/total/mean"), "rollout_restarts": ctl.pool.restarts,
+                   "prompts": {"groups": groups, "distinct_records": records}}
         return {**summary, "warnings": warnings} if warnings else summary
     finally:
         if ctl is not None:

@@ -416,6 +416,15 @@ class RolloutStore:
                 )
             return out
 
+    def prompt_reuse(self) -> tuple[int, int]:
+        """(prompt groups stored, distinct records among them). A tiny model trained on the
+        same few records again learns those images' answers, not the task (docs/rl-stage.md)."""
+        with self._lock:
+            groups, records = self._db.execute(
+                "SELECT COUNT(DISTINCT step || '/' || group_id), COUNT(DISTINCT record_id) FROM rollouts"
+            ).fetchone()
+        return int(groups), int(records)
+
     def steps(self) -> list[int]:
         with self._lock:
             return [s for (s,) in self._db.execute("SELECT DISTINCT step FROM rollouts ORDER BY step")]

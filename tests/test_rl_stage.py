@@ -111,6 +111,10 @@ def test_micro_rl_stage_end_to_end(start, tmp_path):
     before, after = _weights(ckpt), _weights(out / "checkpoint")
     assert any(not torch.equal(before[k], after[k]) for k in before)
     assert undocumented(metrics) == []
+    # every sampled group is counted once, and repeats of a record show as fewer records
+    prompts = json.loads((out / "DONE.json").read_text())["summary"]["prompts"]
+    assert prompts["groups"] == STEPS * PROMPTS
+    assert prompts["distinct_records"] == len({r.record_id for r in rows}) <= prompts["groups"]
 
 
 def undocumented(metrics: list[dict]) -> list[str]:

@@ -34,7 +34,7 @@ from sft.trainer import to_device
 from vlrl.data.images import RecordDataset
 from vlrl.data.io import split_path
 from vlrl.data.synth import corpus_texts, make_dataset
-from vlrl.device import resolve_device
+from vlrl.device import DeviceSpec, resolve_device
 from vlrl.model.batching import collate_for_generation, collate_for_training
 from vlrl.model.loading import load_model, load_processor
 from vlrl.model.tiny import build_tiny_model
@@ -55,26 +55,19 @@ def quick_train(model, processor, samples, steps: int, batch_size: int = 16) -> 
     model.eval()
 
 
-def sync(device: torch.device) -> None:
-    """Wait for queued kernels, so that wall-clock times on an accelerator are whole."""
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def generate_baseline(model, processor, requests, params: SamplingParams, stop_ids) -> tuple[float, list[int]]:
+def generate_baseline(model, processor, requests, params: SamplingParams, stop_ids, spec: DeviceSpec) -> tuple[float, list[int]]:
     """`model.generate` with num_return_sequences=n: seconds and per-sample lengths."""
     cfg = GenerationConfig(
         do_sample=True, temperature=params.temperature, top_k=0, top_p=1.0, num_return_sequences=params.n,
         max_new_tokens=params.max_new_tokens, eos_token_id=list(stop_ids), pad_token_id=processor.tokenizer.pad_token_id,
         use_cache=True,
     )
-    device = next(model.parameters()).device
-    sync(device)
+    spec.synchronize()  # queued kernels would count against this call's time
     t = time.perf_counter()
-    batch = to_device(collate_for_generation(requests, processor), device)
+    batch = to_device(collate_for_generation(requests, processor), spec.torch_device)
     with torch.inference_mode():
         out = model.generate(**batch, generation_config=cfg)[:, batch["input_ids"].shape[1] :]  # (B*n, T_new)
-    sync(device)
+    spec.synchronize()
     seconds = time.perf_counter() - t
     stops = set(stop_ids)
     lengths = []
@@ -124,10 +117,10 @@ def main() -> None:
 
     eng_tps, gen_tps, plain_tps, eng_len, gen_len = [], [], [], [], []
     for r in range(args.rounds):
-        sync(spec.torch_device)
+        spec.synchronize()
         t = time.perf_counter()
         groups = engine.generate(requests, params.model_copy(update={"seed": r}))
-        sync(spec.torch_device)
+        spec.synchronize()
         dt = time.perf_counter() - t  # includes collation and building completions
         lengths = [len(c.token_ids) for g in groups for c in g]
         eng_tps.append(sum(lengths) / dt)
@@ -136,7 +129,7 @@ def main() -> None:
         groups = plain.generate(requests, params.model_copy(update={"seed": r}))
         plain_tps.append(sum(len(c.token_ids) for g in groups for c in g) / (time.perf_counter() - t))
         torch.manual_seed(r)
-        dt, lengths = generate_baseline(model, processor, requests, params, engine.stop_token_ids)
+        dt, lengths = generate_baseline(model, processor, requests, params, engine.stop_token_ids, spec)
         gen_tps.append(sum(lengths) / dt)
         gen_len.extend(lengths)
 

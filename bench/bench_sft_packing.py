@@ -28,21 +28,20 @@ from sft.feed import Feed
 from sft.trainer import make_optimizer, optimizer_step, to_device
 from vlrl.data.images import RecordDataset
 from vlrl.data.io import split_path
-from vlrl.device import resolve_device
+from vlrl.device import DeviceSpec, resolve_device
 from vlrl.model.loading import component_of, load_model, load_processor
 from vlrl.model.packing import PackedForward
 from vlrl.recipe_sft import PackingSpec, SftStage
 
 
-def run(feed: Feed, forward, optimizer, steps: int, device: torch.device) -> tuple[float, float]:
+def run(feed: Feed, forward, optimizer, steps: int, spec: DeviceSpec) -> tuple[float, float]:
     """(real tokens per second, packing efficiency) over `steps` optimizer steps."""
     tokens, t0 = 0, time.perf_counter()
     for _ in range(steps):
         mb = feed.micro_batch()
         tokens += int(mb["attention_mask"].sum())
-        optimizer_step(forward, optimizer, [to_device(mb, device)], lr=1e-4, grad_clip=1.0)
-    if device.type == "cuda":
-        torch.cuda.synchronize()  # the last step's kernels belong to this round's time
+        optimizer_step(forward, optimizer, [to_device(mb, spec.torch_device)], lr=1e-4, grad_clip=1.0)
+    spec.synchronize()  # the last step's kernels belong to this round's time
     return tokens / (time.perf_counter() - t0), feed.stats.window()
 
 
@@ -61,7 +60,6 @@ def main() -> None:
     args = ap.parse_args()
     spec = resolve_device(args.device)
     spec.configure(threads=args.threads)
-    device = spec.torch_device
 
     torch.manual_seed(0)
     model = load_model(args.model, device=spec.kind)
@@ -78,14 +76,14 @@ def main() -> None:
     packed = Feed(dataset, processor, RecordStream(plan, seed=0, phase=0), batch_size=args.rows, max_length=args.max_length,
                   packing=PackingSpec(enabled=True, max_length=args.pack_length), rope_index=model.model.get_rope_index)
     model.train()
-    run(plain, forward, optimizer, 2, device)  # warm-up both paths
-    run(packed, forward, optimizer, 2, device)
+    run(plain, forward, optimizer, 2, spec)  # warm-up both paths
+    run(packed, forward, optimizer, 2, spec)
     modes = [("plain", plain, forward), ("packed", packed, forward), (other_name, packed, other)]
     res: dict[str, list[float]] = {name: [] for name, _, _ in modes}
     eff: dict[str, list[float]] = {name: [] for name, _, _ in modes}
     for r in range(args.rounds):
         for name, feed, fwd in modes:
-            tps, e = run(feed, fwd, optimizer, args.steps, device)
+            tps, e = run(feed, fwd, optimizer, args.steps, spec)
             res[name].append(tps)
             eff[name].append(e)
         print(f"round {r + 1}: " + ", ".join(f"{n} {res[n][-1]:,.0f} tok/s" for n in res)

@@ -52,8 +52,39 @@ def start_ray(spec: RaySpec) -> bool:
         ray.init(**kwargs)
     except (ConnectionError, RuntimeError, ValueError) as e:
         where = "a local Ray" if spec.address is None else f"the Ray cluster at {spec.address!r}"
-        raise VlrlError(f"cannot start {where}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
+        raise VlrlError(f"cannot start {where}: {_causes(e)}{_auth_hint(e)}") from e
     return True
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    line = text.splitlines()[0] if text else type(e).__name__
+    return line.split(" Last connection error:")[0]  # Ray's GCS error then dumps a traceback
+
+
+def _causes(e: BaseException) -> str:
+    """The error and what caused it: Ray wraps the reason a join failed (a wrong token,
+    no GCS at the address) in a generic "Failed to connect", which alone says nothing."""
+    lines, seen = [], set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        line = _first_line(e)
+        if line not in lines:
+            lines.append(line)
+        e = e.__cause__ or e.__context__
+    return " <- ".join(lines)
+
+
+def _auth_hint(e: BaseException) -> str:
+    chain, seen = [], set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        chain.append(f"{type(e).__name__} {e}")
+        e = e.__cause__ or e.__context__
+    if any("AuthenticationError" in c or "InvalidAuthToken" in c for c in chain):
+        return (". The cluster uses token authentication: run with RAY_AUTH_MODE=token and its token in "
+                "~/.ray/auth_token or RAY_AUTH_TOKEN (or ray.address: auto on the head node)")
+    return ""
 
 
 def stop_ray() -> None:

@@ -110,3 +110,65 @@ def test_a_rollout_worker_that_cannot_start_is_reported_and_ray_stopped(start, t
     with pytest.raises(VlrlError, match="rollout worker 0 failed to start: .*bogus"):
         _run(raw)
     assert not ray.is_initialized()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_split_placement_gives_the_rollouts_and_weights_of_inline(start, tmp_path):
+    """In `split` every worker is its own actor (two rollout workers, trainer, reference,
+    rewards) and weights travel through Ray's object store: the run must still be the
+    inline one, row for row and bit for bit."""
+    data, ckpt = start
+    # Two workers in both: each worker's share is one batch with its own seeded draws.
+    two = {"algo": {"kl": {"coef": 0.05}}, "rollout": {"workers": 2}}
+    inline = _run(rl_recipe(tmp_path / "inline", data, ckpt, **two))
+    out = _run(rl_recipe(tmp_path / "split", data, ckpt, placement="split", ray={"num_cpus": 2}, **two))
+    assert not ray.is_initialized()
+    assert _rows(out) == _rows(inline)
+    a, b = _weights(inline / "checkpoint"), _weights(out / "checkpoint")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    metrics = read_metrics(out / "metrics.jsonl")
+    assert all(m["actor/kl_loss"] > 0 for m in metrics[1:])  # the reference actor answered
+    assert [m["policy/version"] for m in metrics] == [m["policy/version"] for m in read_metrics(inline / "metrics.jsonl")]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_the_stage_joins_a_running_ray_cluster_and_leaves_it_running(start, tmp_path, monkeypatch):
+    """`ray.address: host:port` joins a cluster started elsewhere (`ray start --head`, which
+    in Ray >= 2.5x turns on token authentication; the joining side says so with
+    RAY_AUTH_MODE=token): the run is the inline one, and the cluster outlives the stage."""
+    from rlhf.placement import free_port
+
+    data, ckpt = start
+    inline = _run(rl_recipe(tmp_path / "inline", data, ckpt))
+    port = free_port()
+    ray_bin = Path(sys.executable).with_name("ray")
+    head = subprocess.Popen(
+        [str(ray_bin), "start", "--head", f"--port={port}", "--num-cpus=2", "--include-dashboard=false", "--disable-usage-stats", "--block"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )
+    address = f"127.0.0.1:{port}"
+    monkeypatch.setenv("RAY_AUTH_MODE", "token")  # for `ray status` and the run below
+
+    def cluster_up() -> bool:
+        return subprocess.run([str(ray_bin), "status", f"--address={address}"], capture_output=True).returncode == 0
+
+    try:
+        deadline = time.time() + 120
+        while not cluster_up():
+            assert head.poll() is None and time.time() < deadline, "ray start --head did not come up"
+            time.sleep(1)
+        # In its own process: Ray reads RAY_AUTH_MODE once per process.
+        recipe = tmp_path / "joined.yaml"
+        recipe.write_text(yaml.safe_dump(rl_recipe(tmp_path / "joined", data, ckpt, placement="colocate", ray={"address": address})))
+        res = subprocess.run([sys.executable, "-m", "vlrl.cli", "run", str(recipe)], cwd=ROOT, capture_output=True, text=True, timeout=400)
+        assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
+        out = tmp_path / "joined" / "rl"
+        assert cluster_up()  # the cluster it joined runs on after the stage
+        assert _rows(out) == _rows(inline)
+        a, b = _weights(inline / "checkpoint"), _weights(out / "checkpoint")
+        assert all(torch.equal(a[k], b[k]) for k in a)
+    finally:
+        os.killpg(head.pid, signal.SIGTERM)
+        head.wait(timeout=60)

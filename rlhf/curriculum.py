@@ -38,6 +38,10 @@ class PromptCurriculum:
                 missing = "perception" if not perc else "non-perception"
                 raise RecipeError(f"{where}.perception_share: {spec.perception_share} but no {missing} records in difficulty {list(band)}")
 
+    def reachable(self) -> list[int]:
+        """Indices of every record some band of the schedule can draw."""
+        return sorted({i for _, band in self._bands for part in self._pool(band) for i in part})
+
     def band(self, step: int) -> tuple[int, int]:
         """The difficulty band that applies at `step`."""
         cur = self._bands[0][1]

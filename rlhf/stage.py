@@ -131,6 +131,9 @@ class Controller:
             ctx.console.print(f"[yellow]resuming[/] rl at step {self.start} (prompt cursor {self.cursor})")
         self.version = self.start  # policy version of the trainer's weights (= completed steps)
         self.processor = load_processor(start_path)
+        self.length_warning = self._check_length_budget()
+        if self.length_warning:
+            ctx.console.print(f"[yellow]warning:[/] {self.length_warning}", highlight=False)
         suppress = input_only_ids(self.processor) if cfg.rollout.suppress_input_tokens else ()
         self.started_ray = start_ray(cfg.ray) if cfg.placement != "inline" else False
         try:
@@ -138,6 +141,22 @@ class Controller:
         except BaseException:
             self.close()  # stop what was started (actors, Ray) before reporting
             raise
+
+    def _check_length_budget(self) -> str | None:
+        """A prompt whose reference response is longer than the rollout cap can only be
+        answered by skipping steps the model was taught; with `mask_truncated` its
+        responses carry no gradient at all. Said once at the start (the tiny recipe's
+        RL drew difficulty 4-5 prompts needing 62 tokens at max_tokens 48)."""
+        from vlrl.eval import describe_over_budget, over_budget_cells
+
+        roll = self.cfg.rollout
+        cap = max([m.max_tokens for m in roll.modes] or [roll.max_tokens])
+        records = [self.dataset.records[i] for i in self.curriculum.reachable()]
+        cells, longest = over_budget_cells(records, self.processor.tokenizer, cap)
+        if not cells:
+            return None
+        setting = "rollout.modes[].max_tokens" if roll.modes else "rollout.max_tokens"
+        return f"stages.{self.ctx.name}: " + describe_over_budget(cells, len(records), cap, setting, longest, what="prompts")
 
     def _start_workers(self, start_path, checkpoint, reward_cfg, suppress: tuple[int, ...]) -> None:
         ctx, cfg, device = self.ctx, self.cfg, self.ctx.device
@@ -493,7 +512,7 @@ def run_stage(ctx) -> dict:
     try:
         ctl = Controller(ctx, cfg)
         last: dict[str, float] = {}
-        warnings: list[str] = []
+        warnings: list[str] = [ctl.length_warning] if ctl.length_warning else []
         watch = TruncationWatch(
             masked=cfg.algo.mask_truncated, penalised=length_is_penalised(cfg.reward_terms, cfg.rewards), max_tokens=cfg.rollout.max_tokens
         )

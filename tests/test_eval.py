@@ -146,3 +146,33 @@ def test_eval_loads_a_checkpoint_folder(trained, tmp_path):
     in_memory = evaluate((model, processor), samples[:4], max_new_tokens=8)
     assert [p.response for p in from_dir.predictions] == [p.response for p in in_memory.predictions]
     assert from_dir.model == str(tmp_path)
+
+
+def test_records_whose_reference_does_not_fit_the_budget_are_counted_and_named(trained):
+    """A reference of k tokens needs k + 1 (its end token): at a budget of exactly that the
+    record fits, one less and it is counted under its task and difficulty."""
+    from vlrl.eval import describe_over_budget, over_budget_cells, reference_lengths
+
+    model, processor, samples = trained
+    records = [s.record for s in samples]
+    lengths = reference_lengths(records, processor.tokenizer)
+    for r, n in zip(records, lengths):
+        assert n == len(processor.tokenizer(r.target_text(), add_special_tokens=False)["input_ids"]) + 1
+    longest = max(lengths)
+    assert over_budget_cells(records, processor.tokenizer, longest) == ({}, longest)
+    cells, _ = over_budget_cells(records, processor.tokenizer, longest - 1)
+    want: dict[str, int] = {}
+    for r, n in zip(records, lengths):
+        if n == longest:
+            want[f"{r.task}/d{r.difficulty}"] = want.get(f"{r.task}/d{r.difficulty}", 0) + 1
+    assert cells == want and sum(cells.values()) >= 1
+
+    report = evaluate((model, processor), samples, batch_size=8, max_new_tokens=longest - 1)
+    assert (report.over_budget, report.over_budget_cells, report.longest_reference) == (sum(want.values()), want, longest)
+    assert evaluate((model, processor), samples[:4], batch_size=4, max_new_tokens=longest).over_budget == 0
+    line = describe_over_budget(cells, len(records), longest - 1, "eval.max_new_tokens", longest)
+    assert f"of {len(records)} records" in line and f"eval.max_new_tokens={longest - 1}" in line and f"needs {longest}" in line
+    for task in {k.split("/")[0] for k in want}:
+        ds = sorted(int(k.split("/d")[1]) for k in want if k.startswith(task + "/"))
+        assert f"{task} d{','.join(map(str, ds))} {sum(v for k, v in want.items() if k.startswith(task + '/'))}" in line
+    assert "with a reference longer than max_new_tokens" in render_table(report).caption

@@ -69,4 +69,21 @@ def test_a_stage_whose_responses_all_truncate_warns_in_its_summary(start, tmp_pa
 
     terms = {"overlong": {"weight": 1.0, "args": {"max_length": 1, "cache": 1}}}
     out = _run(rl_recipe(tmp_path / "pen", data, ckpt, steps=2, rollout={"max_tokens": 1}, algo=algo, reward_terms=terms))
-    assert "warnings" not in json.dumps(json.loads((out / "DONE.json").read_text()))
+    assert "rl step" not in json.dumps(json.loads((out / "DONE.json").read_text()))
+
+
+def test_a_stage_whose_cap_is_below_its_prompts_references_says_so_at_the_start(start, tmp_path, capsys):
+    """Every micro prompt's reference is longer than 1 token: the stage names the share
+    and the setting before its first step and keeps it in DONE.json; at a cap that fits
+    every reference it says nothing."""
+    data, ckpt = start
+    out = _run(rl_recipe(tmp_path / "short", data, ckpt, steps=1, rollout={"max_tokens": 1}))
+    warnings = json.loads((out / "DONE.json").read_text())["summary"]["warnings"]
+    printed = capsys.readouterr().out
+    budget = [w for w in warnings if "reference response longer than rollout.max_tokens=1" in w]
+    assert len(budget) == 1 and budget[0].startswith("stages.rl: ")
+    n, total = budget[0].split("stages.rl: ")[1].split(" prompts")[0].split(" of ")
+    assert int(n) == int(total) > 0
+    assert "reference response longer than" in printed and printed.index("reference response longer") < printed.index("rl checkpoint")
+    out = _run(rl_recipe(tmp_path / "long", data, ckpt, steps=1, rollout={"max_tokens": 200}))
+    assert "warnings" not in json.loads((out / "DONE.json").read_text())["summary"]

@@ -133,7 +133,7 @@ def eval_cmd(
     """Greedy-decode the held-out set and print accuracy by family and difficulty."""
     from vlrl.data.io import split_path
     from vlrl.device import resolve_device
-    from vlrl.eval import evaluate, render_table
+    from vlrl.eval import describe_over_budget, evaluate, render_table
 
     data_file = data if data.is_file() else split_path(data, split)
     spec = resolve_device(device)
@@ -149,6 +149,9 @@ def eval_cmd(
         return
     report = evaluate(model, data_file, batch_size=batch_size, max_new_tokens=max_new_tokens, limit=limit, device=spec.kind)
     console.print(render_table(report))
+    if report.over_budget:
+        text = describe_over_budget(report.over_budget_cells, report.n, max_new_tokens, "--max-new-tokens", report.longest_reference)
+        console.print("[yellow]warning:[/] " + text, highlight=False)
     if json_out:
         report.to_json(json_out)
 

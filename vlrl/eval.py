@@ -5,7 +5,11 @@ the tiny model and a real checkpoint: greedy decoding (`do_sample=False`, KV
 cache), the record's own prompt through the checkpoint's chat template, and
 correctness by `vlrl.answers.is_correct` — the same check the rule rewards use.
 A response that never emits an end token within `max_new_tokens` is scored as
-it stands and counted in `unfinished`.
+it stands and counted in `unfinished`. Records whose own reference response needs more
+than `max_new_tokens` (its tokens and the end token) are counted in `over_budget` and
+named per task and difficulty: a model that answers as it was taught cannot get them
+right, so a family's accuracy there measures the budget, not the model (the tiny
+recipe's arithmetic at difficulty 4-5 needed 62 tokens against an eval budget of 40).
 """
 
 from __future__ import annotations
@@ -57,6 +61,11 @@ class EvalReport(BaseModel):
     families: dict[str, dict[str, Score]]
     tasks: dict[str, dict[str, Score]]
     unfinished: int
+    # records whose reference response does not fit max_new_tokens; "task/d<k>" -> count
+    over_budget: int = 0
+    over_budget_cells: dict[str, int] = {}
+    max_new_tokens: int | None = None
+    longest_reference: int | None = None  # tokens, end token included
     skipped: list[str]  # record ids left out because an image could not be read
     generated_tokens: int
     seconds: float
@@ -88,7 +97,8 @@ def _grid(preds: Iterable[Prediction], key: str) -> dict[str, dict[str, Score]]:
 
 
 def summarize(
-    predictions: list[Prediction], *, model: str, data: str, seconds: float, skipped: Sequence[str] = ()
+    predictions: list[Prediction], *, model: str, data: str, seconds: float, skipped: Sequence[str] = (),
+    over_budget: dict[str, int] | None = None, max_new_tokens: int | None = None, longest_reference: int | None = None,
 ) -> EvalReport:
     """Aggregate per-sample predictions into the report."""
     families = _grid(predictions, "family")
@@ -104,12 +114,51 @@ def summarize(
         families=families,
         tasks=tasks,
         unfinished=sum(not p.finished for p in predictions),
+        over_budget=sum((over_budget or {}).values()),
+        over_budget_cells=dict(over_budget or {}),
+        max_new_tokens=max_new_tokens,
+        longest_reference=longest_reference,
         skipped=list(skipped),
         generated_tokens=tokens,
         seconds=seconds,
         tokens_per_second=tokens / seconds if seconds > 0 else 0.0,
         predictions=predictions,
     )
+
+
+def reference_lengths(records: Iterable, tokenizer) -> list[int | None]:
+    """Tokens of each record's reference response plus its end token (None: no reference)."""
+    out: list[int | None] = []
+    for r in records:
+        target = r.target_text()
+        out.append(None if target is None else len(tokenizer(target, add_special_tokens=False)["input_ids"]) + 1)
+    return out
+
+
+def over_budget_cells(records: Sequence, tokenizer, budget: int) -> tuple[dict[str, int], int | None]:
+    """("task/d<k>" -> how many records' reference responses need more than `budget`
+    tokens, the longest reference in tokens)."""
+    cells: dict[str, int] = defaultdict(int)
+    lengths = reference_lengths(records, tokenizer)
+    for r, n in zip(records, lengths):
+        if n is not None and n > budget:
+            cells[f"{r.task}/d{r.difficulty}"] += 1
+    known = [n for n in lengths if n is not None]
+    return dict(sorted(cells.items())), max(known) if known else None
+
+
+def describe_over_budget(cells: dict[str, int], total: int, budget: int, setting: str, longest: int | None = None, what: str = "records") -> str:
+    """One line a user can act on: how many, where, and what to raise."""
+    n = sum(cells.values())
+    by_task: dict[str, list[tuple[int, int]]] = defaultdict(list)
+    for key, count in cells.items():
+        task, d = key.rsplit("/d", 1)
+        by_task[task].append((int(d), count))
+    where = ", ".join(
+        f"{task} d{','.join(str(d) for d, _ in sorted(ds))} {sum(c for _, c in ds)}" for task, ds in sorted(by_task.items())
+    )
+    need = f" (the longest needs {longest})" if longest else ""
+    return f"{n} of {total} {what} have a reference response longer than {setting}={budget} tokens{need}: {where}; they cannot be answered as taught, raise {setting}"
 
 
 def _greedy_config(model, processor, max_new_tokens: int):
@@ -170,6 +219,7 @@ def evaluate(
         data_name = f"<{len(samples)} samples>"
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    over, longest = over_budget_cells([s.record for s in samples], processor.tokenizer, max_new_tokens)
 
     was_training = net.training
     net.eval()
@@ -182,7 +232,10 @@ def evaluate(
                 predictions.append(_predict(s, text, finished, n_tok))
     finally:
         net.train(was_training)
-    return summarize(predictions, model=model_name, data=data_name, seconds=time.perf_counter() - start, skipped=skipped)
+    return summarize(
+        predictions, model=model_name, data=data_name, seconds=time.perf_counter() - start, skipped=skipped,
+        over_budget=over, max_new_tokens=max_new_tokens, longest_reference=longest,
+    )
 
 
 def _predict(s: Sample, text: str, finished: bool, n_tokens: int) -> Prediction:
@@ -236,5 +289,7 @@ def render_table(report: EvalReport) -> Table:
         notes.append(f"{report.unfinished} unfinished (no end token in max_new_tokens)")
     if report.skipped:
         notes.append(f"{len(report.skipped)} skipped (bad image)")
+    if report.over_budget:
+        notes.append(f"{report.over_budget} with a reference longer than max_new_tokens={report.max_new_tokens} (see the warning)")
     table.caption = ", ".join(notes)
     return table

@@ -129,8 +129,15 @@ def eval_cmd(
     resolutions: Optional[str] = typer.Option(
         None, "--resolutions", help="test-time resolution search over a min/max pixel grid: tiny, mindvl, or MIN,..:MAX,.. in image tokens"
     ),
+    samples: Optional[int] = typer.Option(
+        None, "--samples", min=1, help="sample this many responses per record (the RL stage's engine) and report pass@1 .. pass@N instead of greedy accuracy"
+    ),
+    temperature: float = typer.Option(1.0, "--temperature", help="with --samples"),
+    top_p: float = typer.Option(1.0, "--top-p", help="with --samples"),
+    seed: int = typer.Option(0, "--seed", help="with --samples: batch b samples with seed + b"),
 ) -> None:
-    """Greedy-decode the held-out set and print accuracy by family and difficulty."""
+    """Greedy-decode the held-out set and print accuracy by family and difficulty
+    (or, with --samples, pass@k: what RL at that temperature can turn into pass@1)."""
     from vlrl.data.io import split_path
     from vlrl.device import resolve_device
     from vlrl.eval import describe_over_budget, evaluate, render_table
@@ -138,6 +145,17 @@ def eval_cmd(
     data_file = data if data.is_file() else split_path(data, split)
     spec = resolve_device(device)
     spec.configure()
+    if samples is not None:
+        from vlrl.sampled_eval import render_sampled_table, sampled_eval
+
+        found = sampled_eval(
+            model, data_file, samples=samples, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
+            batch_size=batch_size, limit=limit, seed=seed, device=spec.kind,
+        )
+        console.print(render_sampled_table(found))
+        if json_out:
+            found.to_json(json_out)
+        return
     if resolutions is not None:
         from vlrl.resolution import parse_grid, render_resolution_table, resolution_search
 

@@ -12,8 +12,10 @@ import torch
 from rollout.engine import GenerationRequest, SamplingParams
 from rollout.hf_engine import HFEngine, input_only_ids
 from test_rl_stage import build_micro_start
+from vlrl.answer_prior import AnswerPrior
 from vlrl.answers import answer_type_for, is_correct
 from vlrl.data.io import split_path
+from vlrl.data.records import Record
 from vlrl.eval import load_eval_samples
 from vlrl.sampled_eval import RecordSamples, default_ks, pass_at_k, render_sampled_table, sampled_eval, summarize_samples
 
@@ -92,10 +94,42 @@ def test_sampled_eval_scores_the_engines_samples_and_repeats_by_seed(start, tmp_
     out = rep.to_json(tmp_path / "s.json")
     assert json.loads(out.read_text())["pass_at"] == rep.pass_at
     table = render_sampled_table(rep)
-    assert [c.header for c in table.columns] == ["family / task", "pass@1 %", "pass@2 %", "pass@4 %", "records"]
+    assert [c.header for c in table.columns] == ["family / task", "@1", "@2", "@4", "n"]
 
 
 def test_sampled_eval_needs_a_temperature(start):
     data, ckpt = start
     with pytest.raises(ValueError, match="temperature > 0"):
         sampled_eval(ckpt, split_path(data, "eval"), temperature=0.0)
+
+
+def _rec(i, task, family, d, answer):
+    return Record(id=f"r{i}", messages=[{"role": "user", "content": "q"}, {"role": "assistant", "content": answer}],
+                  answer=answer, task=task, family=family, difficulty=d)
+
+
+def test_the_answer_prior_guesses_from_the_train_answers_of_the_same_task_and_difficulty():
+    train = [_rec(0, "a", "reasoning", 1, "3"), _rec(1, "a", "reasoning", 1, "3"), _rec(2, "a", "reasoning", 1, "5"),
+             _rec(3, "a", "reasoning", 1, " 7 "), _rec(4, "a", "reasoning", 2, "5"), _rec(5, "b", "perception", 1, "red")]
+    prior = AnswerPrior(train)
+    held = [_rec(10, "a", "reasoning", 1, "3"), _rec(11, "a", "reasoning", 1, "7"), _rec(12, "a", "reasoning", 2, "3"),
+            _rec(13, "b", "perception", 1, "red"), _rec(14, "c", "text", 1, "x")]
+    assert [prior.probability(r) for r in held] == [0.5, 0.25, 0.0, 1.0, 0.0]  # unseen task: 0
+    assert [prior.mode_correct(r) for r in held] == [True, False, False, True, False]
+    assert prior.pass_at(held[1], 4) == pytest.approx(1 - 0.75**4)
+    t = prior.table(held, [1, 4])
+    assert t["reasoning"]["1"] == {"mode": 0.5, "1": pytest.approx(0.375), "4": pytest.approx((1 - 0.5**4 + 1 - 0.75**4) / 2)}
+    assert t["reasoning"]["all"]["mode"] == pytest.approx(1 / 3) and t["a"]["2"] == {"mode": 0.0, "1": 0.0, "4": 0.0}
+    assert t["perception"]["all"]["4"] == 1.0 and t["text"]["all"]["mode"] == 0.0
+
+
+def test_sampled_eval_puts_the_answer_prior_beside_the_model(start):
+    data, ckpt = start
+    rep = sampled_eval(ckpt, split_path(data, "eval"), samples=2, max_new_tokens=8, limit=6, prior_from=split_path(data, "train"))
+    from vlrl.data.io import load_records
+
+    want = AnswerPrior(load_records(split_path(data, "train"))).table(load_records(split_path(data, "eval"))[:6], [1, 2])
+    assert rep.prior == want and rep.prior_from == str(split_path(data, "train"))
+    table = render_sampled_table(rep)
+    assert [c.header for c in table.columns][-3:] == ["prior@1", "prior@2", "n"]
+    assert "never looking at the prompt" in table.caption

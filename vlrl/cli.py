@@ -148,9 +148,15 @@ def eval_cmd(
     if samples is not None:
         from vlrl.sampled_eval import render_sampled_table, sampled_eval
 
+        prior_from = None
+        if data.is_dir() and split != "train":
+            try:
+                prior_from = split_path(data, "train")
+            except VlrlError:
+                prior_from = None  # no train split beside it: no answer-prior columns
         found = sampled_eval(
             model, data_file, samples=samples, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
-            batch_size=batch_size, limit=limit, seed=seed, device=spec.kind,
+            batch_size=batch_size, limit=limit, seed=seed, device=spec.kind, prior_from=prior_from,
         )
         console.print(render_sampled_table(found))
         if json_out:

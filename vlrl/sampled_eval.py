@@ -76,6 +76,10 @@ class SampledReport(BaseModel):
     families: dict[str, dict[str, PassScore]]  # family -> difficulty ("1".."5", "all")
     tasks: dict[str, dict[str, PassScore]]
     truncated_frac: float
+    # the answer-prior guesser on the same records (vlrl.answer_prior), when a train split was given:
+    # family or task -> difficulty ("1".."5", "all") -> {"mode": accuracy, "k": pass@k}
+    prior: dict[str, dict[str, dict[str, float]]] | None = None
+    prior_from: str | None = None
     skipped: list[str]
     seconds: float
     records: list[RecordSamples]
@@ -136,10 +140,12 @@ def sampled_eval(
     ks: Sequence[int] | None = None,
     device: str = "cpu",
     on_bad_image: Literal["error", "skip"] = "error",
+    prior_from: str | Path | None = None,
 ) -> SampledReport:
     """`samples` completions of every record of `data` (a .jsonl/.parquet file) from the
     checkpoint at `model`, scored with `vlrl.answers.is_correct`. Batch b of
-    `batch_size` prompts is sampled with seed `seed + b`, so a rerun gives the same report."""
+    `batch_size` prompts is sampled with seed `seed + b`, so a rerun gives the same report.
+    `prior_from`: a train split whose answers give the answer-prior baseline beside it."""
     from rollout.engine import GenerationRequest, SamplingParams
     from rollout.hf_engine import HFEngine, input_only_ids
     from vlrl.eval import load_eval_samples
@@ -171,29 +177,52 @@ def sampled_eval(
                 id=r.id, task=r.task, family=r.family, difficulty=r.difficulty, correct=correct,
                 truncated=sum(c.finish_reason == "length" for c in completions),
             ))
-    return summarize_samples(
+    report = summarize_samples(
         rows, n=samples, ks=ks, model=str(model), data=str(data), temperature=temperature, top_p=top_p, top_k=top_k,
         max_new_tokens=max_new_tokens, seed=seed, seconds=time.perf_counter() - start, skipped=skipped,
     )
+    if prior_from is not None:
+        from vlrl.answer_prior import AnswerPrior
+        from vlrl.data.io import load_records
+
+        prior = AnswerPrior(load_records(Path(prior_from)))
+        report.prior = prior.table([s.record for s in items], ks)
+        report.prior_from = str(prior_from)
+    return report
 
 
 def render_sampled_table(report: SampledReport) -> Table:
     """pass@k % per family and task (all difficulties), then pass@1 / pass@max by difficulty per family."""
     n = report.samples
-    table = Table(title=f"sampled eval {report.model}: {n} samples per record at T {report.temperature:g}, {len(report.records)} records")
+    table = Table(title=f"pass@k % of {report.model}: {n} samples per record at T {report.temperature:g}, {len(report.records)} records")
     table.add_column("family / task", no_wrap=True)
+    last = str(report.ks[-1])
     for k in report.ks:
-        table.add_column(f"pass@{k} %", justify="right")
-    table.add_column("records", justify="right")
+        table.add_column(f"@{k}", justify="right")
+    if report.prior is not None:
+        table.add_column("prior@1", justify="right", style="dim")
+        table.add_column(f"prior@{last}", justify="right", style="dim")
+    table.add_column("n", justify="right")
     for k, (indent, grid) in enumerate([("", report.families), ("  ", report.tasks)]):
         if k:
             table.add_section()
         for name, cells in grid.items():
-            table.add_row(indent + name, *(f"{100 * cells['all'].pass_at[str(j)]:.1f}" for j in report.ks), str(cells["all"].records))
-    last = str(report.ks[-1])
+            prior = []
+            if report.prior is not None:
+                p = report.prior[name]["all"]
+                prior = [f"{100 * p['1']:.1f}" if "1" in p else "", f"{100 * p[last]:.1f}"]
+            table.add_row(
+                indent + name, *(f"{100 * cells['all'].pass_at[str(j)]:.1f}" for j in report.ks), *prior, str(cells["all"].records)
+            )
     per_d = "; ".join(
         f"{fam} " + " ".join(f"d{d} {100 * c[d].pass_at['1']:.0f}/{100 * c[d].pass_at[last]:.0f}" for d in DIFFICULTIES if d in c)
         for fam, c in report.families.items()
     )
-    table.caption = f"pass@1/pass@{last} % by difficulty: {per_d}; {100 * report.truncated_frac:.1f}% of samples hit max_new_tokens"
+    caption = f"pass@1/pass@{last} % by difficulty: {per_d}; {100 * report.truncated_frac:.1f}% of samples hit max_new_tokens"
+    if report.prior is not None:
+        caption += (
+            f". prior: answers guessed from the training answers of the same task and difficulty ({report.prior_from}), "
+            "never looking at the prompt"
+        )
+    table.caption = caption
     return table

@@ -141,7 +141,7 @@ def ray_rm(tmp_path_factory):
     assert loss < 0.1
     owned = not ray.is_initialized()  # another module's fixture may have started Ray already
     if owned:
-        ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
+        ray.init(address="local", num_cpus=1, include_dashboard=False, log_to_driver=False)
     try:
         yield path
     finally:

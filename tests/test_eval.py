@@ -176,3 +176,22 @@ def test_records_whose_reference_does_not_fit_the_budget_are_counted_and_named(t
         ds = sorted(int(k.split("/d")[1]) for k in want if k.startswith(task + "/"))
         assert f"{task} d{','.join(map(str, ds))} {sum(v for k, v in want.items() if k.startswith(task + '/'))}" in line
     assert "with a reference longer than max_new_tokens" in render_table(report).caption
+
+
+def test_the_answer_prior_sits_beside_the_greedy_scores(trained, tmp_path):
+    """With a train split given, each family / task / difficulty carries the accuracy of
+    answering its commonest train answer; the table gets a prior column."""
+    from vlrl.answer_prior import AnswerPrior
+
+    model, processor, samples = trained
+    train = [s.record for s in samples[8:]]
+    write_records(tmp_path / "train.jsonl", train)
+    report = evaluate((model, processor), samples[:8], batch_size=8, max_new_tokens=6, prior_from=tmp_path / "train.jsonl")
+    want = AnswerPrior(train).table([s.record for s in samples[:8]], [])
+    assert report.prior == {name: {d: c["mode"] for d, c in cells.items()} for name, cells in want.items()}
+    assert set(report.prior) == set(report.families) | set(report.tasks)
+    for name, cells in report.families.items():
+        assert set(report.prior[name]) == set(cells)
+    table = render_table(report)
+    assert [c.header for c in table.columns][-2:] == ["prior %", "n"] and "commonest train answer" in table.caption
+    assert evaluate((model, processor), samples[:4], batch_size=4, max_new_tokens=6).prior is None

@@ -73,6 +73,8 @@ def test_chain_runs_then_skips(tmp_path):
     assert (pre / "checkpoint" / "config.json").is_file() and (pre / "DONE.json").is_file()
     ev = json.loads((pre / "eval.json").read_text())
     assert ev["n"] == 12 and 0.0 <= ev["accuracy"] <= 1.0
+    # the answer-prior baseline from the data stage's train split sits beside every row
+    assert ev["prior_from"].endswith("train.jsonl") and set(ev["prior"]) == set(ev["families"]) | set(ev["tasks"])
     rows = read_metrics(pre / "metrics.jsonl")
     steps = [r["step"] for r in rows if "train/loss" in r]
     assert steps == list(range(1, 9))  # 2 + 2 + 4 optimizer steps, logged every step

@@ -141,19 +141,15 @@ def eval_cmd(
     from vlrl.data.io import split_path
     from vlrl.device import resolve_device
     from vlrl.eval import describe_over_budget, evaluate, render_table
+    from vlrl.stages import train_split_beside
 
     data_file = data if data.is_file() else split_path(data, split)
+    prior_from = train_split_beside(data, split)  # answer-prior baseline columns when there is one
     spec = resolve_device(device)
     spec.configure()
     if samples is not None:
         from vlrl.sampled_eval import render_sampled_table, sampled_eval
 
-        prior_from = None
-        if data.is_dir() and split != "train":
-            try:
-                prior_from = split_path(data, "train")
-            except VlrlError:
-                prior_from = None  # no train split beside it: no answer-prior columns
         found = sampled_eval(
             model, data_file, samples=samples, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
             batch_size=batch_size, limit=limit, seed=seed, device=spec.kind, prior_from=prior_from,
@@ -171,7 +167,9 @@ def eval_cmd(
         if json_out:
             found.to_json(json_out)
         return
-    report = evaluate(model, data_file, batch_size=batch_size, max_new_tokens=max_new_tokens, limit=limit, device=spec.kind)
+    report = evaluate(
+        model, data_file, batch_size=batch_size, max_new_tokens=max_new_tokens, limit=limit, device=spec.kind, prior_from=prior_from
+    )
     console.print(render_table(report))
     if report.over_budget:
         text = describe_over_budget(report.over_budget_cells, report.n, max_new_tokens, "--max-new-tokens", report.longest_reference)

@@ -66,6 +66,10 @@ class EvalReport(BaseModel):
     over_budget_cells: dict[str, int] = {}
     max_new_tokens: int | None = None
     longest_reference: int | None = None  # tokens, end token included
+    # the answer-prior baseline (vlrl.answer_prior): the commonest train answer of each
+    # record's task and difficulty; family or task -> difficulty ("1".."5", "all") -> accuracy
+    prior: dict[str, dict[str, float]] | None = None
+    prior_from: str | None = None
     skipped: list[str]  # record ids left out because an image could not be read
     generated_tokens: int
     seconds: float
@@ -199,10 +203,12 @@ def evaluate(
     limit: int | None = None,
     device: str = "cpu",
     on_bad_image: Literal["error", "skip"] = "error",
+    prior_from: str | Path | None = None,
 ) -> EvalReport:
     """Greedy-decode `data` (a .jsonl/.parquet file, or loaded samples) with
     `model` (a checkpoint folder, or a `(model, processor)` pair that stays on
-    its device) and score every response."""
+    its device) and score every response. `prior_from`: a train split whose
+    commonest answers give the answer-prior baseline beside each row."""
     if isinstance(model, tuple):
         net, processor = model
         model_name = getattr(net, "name_or_path", "") or type(net).__name__
@@ -232,10 +238,18 @@ def evaluate(
                 predictions.append(_predict(s, text, finished, n_tok))
     finally:
         net.train(was_training)
-    return summarize(
+    report = summarize(
         predictions, model=model_name, data=data_name, seconds=time.perf_counter() - start, skipped=skipped,
         over_budget=over, max_new_tokens=max_new_tokens, longest_reference=longest,
     )
+    if prior_from is not None:
+        from vlrl.answer_prior import AnswerPrior
+        from vlrl.data.io import load_records
+
+        table = AnswerPrior(load_records(Path(prior_from))).table([s.record for s in samples], [])
+        report.prior = {name: {d: cell["mode"] for d, cell in cells.items()} for name, cells in table.items()}
+        report.prior_from = str(prior_from)
+    return report
 
 
 def _predict(s: Sample, text: str, finished: bool, n_tokens: int) -> Prediction:
@@ -277,13 +291,16 @@ def render_table(report: EvalReport) -> Table:
     for d in DIFFICULTIES:
         table.add_column(f"d{d} %", justify="right")
     table.add_column("all %", justify="right")
+    if report.prior is not None:
+        table.add_column("prior %", justify="right", style="dim")
     table.add_column("n", justify="right")
     sections = [("", report.families), ("  ", report.tasks)]
     for k, (indent, grid) in enumerate(sections):
         if k:
             table.add_section()
         for name, cells in grid.items():
-            table.add_row(indent + name, *(_pct(cells.get(d)) for d in DIFFICULTIES), _pct(cells["all"]), str(cells["all"].n))
+            prior = [] if report.prior is None else [f"{100 * report.prior[name]['all']:.1f}"]
+            table.add_row(indent + name, *(_pct(cells.get(d)) for d in DIFFICULTIES), _pct(cells["all"]), *prior, str(cells["all"].n))
     notes = [f"{report.tokens_per_second:.0f} generated tok/s"]
     if report.unfinished:
         notes.append(f"{report.unfinished} unfinished (no end token in max_new_tokens)")
@@ -291,5 +308,7 @@ def render_table(report: EvalReport) -> Table:
         notes.append(f"{len(report.skipped)} skipped (bad image)")
     if report.over_budget:
         notes.append(f"{report.over_budget} with a reference longer than max_new_tokens={report.max_new_tokens} (see the warning)")
+    if report.prior is not None:
+        notes.append("prior: the commonest train answer of each record's task and difficulty, never looking at the prompt")
     table.caption = ", ".join(notes)
     return table

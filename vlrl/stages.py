@@ -97,6 +97,20 @@ def _pretrain_tower(ctx, path: Path, st) -> dict:
     return out
 
 
+def train_split_beside(data_dir: Path, split: str) -> Path | None:
+    """The train split of the dataset folder being evaluated (for the answer-prior
+    baseline), or None: a single file, the train split itself, or none there."""
+    from vlrl.data.io import split_path
+
+    data_dir = Path(data_dir)
+    if split == "train" or not data_dir.is_dir():
+        return None
+    try:
+        return split_path(data_dir, "train")
+    except VlrlError:
+        return None
+
+
 def eval_checkpoint(ctx, checkpoint: Path, data_dir: Path, spec: EvalSpec) -> dict:
     """Greedy eval of a checkpoint on a held-out split; writes eval.json and prints the table."""
     from vlrl.data.io import split_path
@@ -112,6 +126,7 @@ def eval_checkpoint(ctx, checkpoint: Path, data_dir: Path, spec: EvalSpec) -> di
         limit=spec.limit,
         device=ctx.device.kind,
         on_bad_image=on_bad,
+        prior_from=train_split_beside(data_dir, spec.split),
     )
     report.to_json(ctx.dir / "eval.json")
     ctx.console.print(render_table(report))

@@ -17,9 +17,7 @@ from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
 
 from vlrl.data.records import Record
-
-DIFFICULTIES = ("1", "2", "3", "4", "5")
-
+from vlrl.report_cells import difficulty_cells
 
 def _key(r: Record) -> tuple[str, int]:
     return r.task, r.difficulty
@@ -48,17 +46,8 @@ class AnswerPrior:
 
     def table(self, records: Sequence[Record], ks: Sequence[int]) -> dict[str, dict[str, dict[str, float]]]:
         """name (family or task) -> difficulty ("1".."5", "all") -> {"mode": accuracy, "k": pass@k}."""
-        groups: dict[str, list[Record]] = defaultdict(list)
-        for r in records:
-            groups[r.family].append(r)
-            groups[r.task].append(r)
-        out: dict[str, dict[str, dict[str, float]]] = {}
-        for name in sorted(groups):
-            members = groups[name]
-            cells = {d: [r for r in members if str(r.difficulty) == d] for d in DIFFICULTIES}
-            cells = {d: c for d, c in cells.items() if c} | {"all": members}
-            out[name] = {d: self._cell(c, ks) for d, c in cells.items()}
-        return out
+        grouped = difficulty_cells(records, "family") | difficulty_cells(records, "task")
+        return {name: {d: self._cell(c, ks) for d, c in cells.items()} for name, cells in grouped.items()}
 
     def _cell(self, rows: Sequence[Record], ks: Sequence[int]) -> dict[str, float]:
         n = len(rows)

@@ -28,8 +28,8 @@ from rich.table import Table
 from vlrl.answers import answer_type_for, is_correct
 from vlrl.model.stops import stop_token_ids
 from vlrl.model.batching import Sample, collate_for_generation, pad_id
+from vlrl.report_cells import DIFFICULTIES, JsonReport, difficulty_cells
 
-DIFFICULTIES = ("1", "2", "3", "4", "5")
 
 
 class Prediction(BaseModel):
@@ -50,7 +50,7 @@ class Score(BaseModel):
     accuracy: float
 
 
-class EvalReport(BaseModel):
+class EvalReport(JsonReport):
     model: str
     data: str
     n: int
@@ -76,12 +76,6 @@ class EvalReport(BaseModel):
     tokens_per_second: float
     predictions: list[Prediction]
 
-    def to_json(self, path: str | Path) -> Path:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(self.model_dump_json(indent=2) + "\n")
-        return path
-
 
 def _score(preds: list[Prediction]) -> Score:
     correct = sum(p.correct for p in preds)
@@ -89,15 +83,7 @@ def _score(preds: list[Prediction]) -> Score:
 
 
 def _grid(preds: Iterable[Prediction], key: str) -> dict[str, dict[str, Score]]:
-    groups: dict[str, list[Prediction]] = defaultdict(list)
-    for p in preds:
-        groups[getattr(p, key)].append(p)
-    grid = {}
-    for name in sorted(groups):
-        members = groups[name]
-        cells = {d: _score([p for p in members if str(p.difficulty) == d]) for d in DIFFICULTIES}
-        grid[name] = {d: s for d, s in cells.items() if s.n} | {"all": _score(members)}
-    return grid
+    return {name: {d: _score(c) for d, c in cells.items()} for name, cells in difficulty_cells(preds, key).items()}
 
 
 def summarize(

@@ -25,6 +25,7 @@ from rich.table import Table
 from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
 
 from vlrl.errors import VlrlError
+from vlrl.report_cells import JsonReport
 
 
 @dataclass(frozen=True)
@@ -137,18 +138,12 @@ class FamilyBest(BaseModel):
     spread: float  # best - worst accuracy over the grid
 
 
-class ResolutionReport(BaseModel):
+class ResolutionReport(JsonReport):
     model: str
     data: str
     n: int
     settings: list[SettingResult]
     best: list[FamilyBest]
-
-    def to_json(self, path: str | Path) -> Path:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(self.model_dump_json(indent=2) + "\n")
-        return path
 
 
 def _label(s: SettingResult) -> str:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import math
 import time
-from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
@@ -25,9 +24,7 @@ from pydantic import BaseModel
 from rich.table import Table
 
 from vlrl.answers import answer_type_for, is_correct
-
-DIFFICULTIES = ("1", "2", "3", "4", "5")
-
+from vlrl.report_cells import DIFFICULTIES, JsonReport, difficulty_cells
 
 def pass_at_k(n: int, c: int, k: int) -> float:
     """Probability that at least one of k samples drawn without replacement from n
@@ -62,7 +59,7 @@ class PassScore(BaseModel):
     pass_at: dict[str, float]  # "k" -> mean pass@k over the records
 
 
-class SampledReport(BaseModel):
+class SampledReport(JsonReport):
     model: str
     data: str
     samples: int
@@ -84,12 +81,6 @@ class SampledReport(BaseModel):
     seconds: float
     records: list[RecordSamples]
 
-    def to_json(self, path: str | Path) -> Path:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(self.model_dump_json(indent=2) + "\n")
-        return path
-
 
 def _score(rows: Sequence[RecordSamples], n: int, ks: Sequence[int]) -> PassScore:
     return PassScore(
@@ -99,15 +90,7 @@ def _score(rows: Sequence[RecordSamples], n: int, ks: Sequence[int]) -> PassScor
 
 
 def _grid(rows: Sequence[RecordSamples], key: str, n: int, ks: Sequence[int]) -> dict[str, dict[str, PassScore]]:
-    groups: dict[str, list[RecordSamples]] = defaultdict(list)
-    for r in rows:
-        groups[getattr(r, key)].append(r)
-    out = {}
-    for name in sorted(groups):
-        members = groups[name]
-        cells = {d: [r for r in members if str(r.difficulty) == d] for d in DIFFICULTIES}
-        out[name] = {d: _score(c, n, ks) for d, c in cells.items() if c} | {"all": _score(members, n, ks)}
-    return out
+    return {name: {d: _score(c, n, ks) for d, c in cells.items()} for name, cells in difficulty_cells(rows, key).items()}
 
 
 def summarize_samples(
@@ -196,11 +179,11 @@ def render_sampled_table(report: SampledReport) -> Table:
     n = report.samples
     table = Table(title=f"pass@k % of {report.model}: {n} samples per record at T {report.temperature:g}, {len(report.records)} records")
     table.add_column("family / task", no_wrap=True)
-    last = str(report.ks[-1])
+    first, last = str(report.ks[0]), str(report.ks[-1])
     for k in report.ks:
         table.add_column(f"@{k}", justify="right")
     if report.prior is not None:
-        table.add_column("prior@1", justify="right", style="dim")
+        table.add_column(f"prior@{first}", justify="right", style="dim")
         table.add_column(f"prior@{last}", justify="right", style="dim")
     table.add_column("n", justify="right")
     for k, (indent, grid) in enumerate([("", report.families), ("  ", report.tasks)]):
@@ -210,15 +193,15 @@ def render_sampled_table(report: SampledReport) -> Table:
             prior = []
             if report.prior is not None:
                 p = report.prior[name]["all"]
-                prior = [f"{100 * p['1']:.1f}" if "1" in p else "", f"{100 * p[last]:.1f}"]
+                prior = [f"{100 * p[first]:.1f}", f"{100 * p[last]:.1f}"]
             table.add_row(
                 indent + name, *(f"{100 * cells['all'].pass_at[str(j)]:.1f}" for j in report.ks), *prior, str(cells["all"].records)
             )
     per_d = "; ".join(
-        f"{fam} " + " ".join(f"d{d} {100 * c[d].pass_at['1']:.0f}/{100 * c[d].pass_at[last]:.0f}" for d in DIFFICULTIES if d in c)
+        f"{fam} " + " ".join(f"d{d} {100 * c[d].pass_at[first]:.0f}/{100 * c[d].pass_at[last]:.0f}" for d in DIFFICULTIES if d in c)
         for fam, c in report.families.items()
     )
-    caption = f"pass@1/pass@{last} % by difficulty: {per_d}; {100 * report.truncated_frac:.1f}% of samples hit max_new_tokens"
+    caption = f"pass@{first}/pass@{last} % by difficulty: {per_d}; {100 * report.truncated_frac:.1f}% of samples hit max_new_tokens"
     if report.prior is not None:
         caption += (
             f". prior: answers guessed from the training answers of the same task and difficulty ({report.prior_from}), "

@@ -22,7 +22,9 @@ def _raw() -> dict:
 
 def test_tiny_recipe_validates():
     r = load_recipe(TINY)
-    assert list(r.stages) == ["data", "model", "pretrain", "sft", "sft_shuffled", "sft_lowres", "merge", "rl"]
+    assert list(r.stages) == ["data", "reading", "model", "pretrain", "sft", "sft_shuffled", "sft_lowres", "merge", "rl"]
+    # SFT's reading phase draws from its own corpus, which excludes the data stage's records
+    assert r.stages["sft"].phases[0].data == "reading" and r.stages["reading"].exclude == ["data"]
     # MindVL's merge: the same SFT at two resolutions
     assert r.stages["merge"].parts == ["sft", "sft_lowres"]
     assert r.stages["sft_lowres"].max_pixels == 9 * 28 * 28 and r.stages["sft"].max_pixels is None
@@ -144,7 +146,7 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
 def test_cli_validate_ok_and_errors_in_one_line(tmp_path):
     ok = _cli("validate", str(TINY))
     assert ok.returncode == 0, ok.stderr
-    assert "8 stage(s)" in ok.stdout
+    assert "9 stage(s)" in ok.stdout
     raw = _raw()
     raw["stages"]["pretrain"]["optim"]["bogus"] = 1
     bad = tmp_path / "bad.yaml"

@@ -117,12 +117,12 @@ def summarize(
 
 
 def reference_lengths(records: Iterable, tokenizer) -> list[int | None]:
-    """Tokens of each record's reference response plus its end token (None: no reference)."""
-    out: list[int | None] = []
-    for r in records:
-        target = r.target_text()
-        out.append(None if target is None else len(tokenizer(target, add_special_tokens=False)["input_ids"]) + 1)
-    return out
+    """Tokens of each record's reference response plus its end token (None: no reference).
+    One batched tokenizer call: the RL stage runs this over its whole prompt pool."""
+    targets = [r.target_text() for r in records]
+    known = [t for t in targets if t is not None]
+    ids = iter(tokenizer(known, add_special_tokens=False)["input_ids"] if known else [])
+    return [None if t is None else len(next(ids)) + 1 for t in targets]
 
 
 def over_budget_cells(records: Sequence, tokenizer, budget: int) -> tuple[dict[str, int], int | None]:

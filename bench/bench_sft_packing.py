@@ -25,11 +25,12 @@ import torch
 
 from sft.curriculum import RecordStream, build_plan
 from sft.feed import Feed
+from sft.sft_stage import _trained_components
 from sft.trainer import make_optimizer, optimizer_step, to_device
 from vlrl.data.images import RecordDataset
 from vlrl.data.io import split_path
 from vlrl.device import DeviceSpec, resolve_device
-from vlrl.model.loading import component_of, load_model, load_processor
+from vlrl.model.loading import component_of, load_model, load_processor, set_trainable
 from vlrl.model.packing import PackedForward
 from vlrl.recipe_sft import PackingSpec, SftStage
 
@@ -65,7 +66,10 @@ def main() -> None:
     model = load_model(args.model, device=spec.kind)
     processor = load_processor(args.model)
     dataset = RecordDataset(split_path(args.data, "train"))
-    cfg = SftStage.model_validate({"from": args.model, "data": args.data, "phases": [{"name": "all", "steps": 1}], "replay": {"general": 0.1, "perception": 0.3}})
+    # The tiny recipe's SFT settings: replay, and the tower frozen (lr_mult 0 -> no gradients, as the stage does).
+    cfg = SftStage.model_validate({"from": args.model, "data": args.data, "phases": [{"name": "all", "steps": 1}], "replay": {"general": 0.1, "perception": 0.3},
+                                   "optim": {"lr_mult": {"vision": 0.0, "projector": 0.0}}})
+    set_trainable(model, _trained_components(cfg.optim, "bench"))
     plan = build_plan(dataset.records, cfg, "bench")[0]
     forward = PackedForward(model)  # the stage's choice on this device
     other = PackedForward(model, by_record=not forward.by_record)

@@ -4,6 +4,11 @@ Loss on assistant tokens only; image and text-only records share batches (and,
 with packing, rows). Each phase starts a fresh AdamW whose learning-rate schedule
 spans that phase, as in pretraining, so a phase's `optim` is self-contained.
 
+A component whose `optim.lr_mult` is 0 in a phase is frozen for that phase (no
+gradients): it would not move anyway, and its gradients would cost a backward pass
+through it and count in the clipping norm of the parts that do train (the tiny recipe's
+frozen tower: packed SFT 5,462 -> 7,318 tokens/s on 2 cores).
+
 Resume: `state/` holds weights, optimizer, phase, step and the consumed-data
 tracker (cursor + pending); a killed stage continues with the exact batches it
 would have seen (sft/feed.py), so the final weights equal an uninterrupted run's.
@@ -19,6 +24,8 @@ from sft.curriculum import RecordStream, build_plan, family_shares
 from sft.feed import Feed
 from sft.state import TrainerState, load_state, read_state, save_hf_checkpoint, save_state
 from sft.trainer import LoopHooks, load_for_training, make_optimizer, make_progress, train_steps
+from vlrl.errors import VlrlError
+from vlrl.model.loading import COMPONENTS
 from vlrl.recipe_sft import SftStage
 
 
@@ -45,7 +52,6 @@ def run_stage(ctx) -> dict:
         processor = with_pixel_bounds(processor, cfg.min_pixels, cfg.max_pixels)
         ctx.console.print(f"images resized within {processor.image_processor.size['shortest_edge']:,}"
                           f"-{processor.image_processor.size['longest_edge']:,} pixels")
-    set_trainable(model, ("language", "vision", "projector"))
     paths = [split_path(ctx.inputs["data"], "train")]
     for pi in range(len(cfg.phases)):
         own = split_path(ctx.inputs.get(f"phases.{pi}.data", ctx.inputs["data"]), "train")
@@ -73,6 +79,7 @@ def run_stage(ctx) -> dict:
             for pi, plan in enumerate(plans):
                 if pi < state.phase:
                     continue
+                set_trainable(model, _trained_components(plan.optim, f"stages.{ctx.name}.phases.{plan.name}"))
                 optimizer = make_optimizer(model.named_parameters(), plan.optim, component_of)
                 start = state.step if state.phase == pi else 0
                 if start > 0:
@@ -117,3 +124,11 @@ def run_stage(ctx) -> dict:
 def _tracked(phase: int, step: int, global_step: int, feed: Feed) -> TrainerState:
     return TrainerState(phase=phase, step=step, global_step=global_step, skipped=feed.stats.skipped,
                         cursor=feed.cursor, pending=list(feed.pending), consumed=feed.stats.consumed)
+
+
+def _trained_components(optim, where: str) -> tuple[str, ...]:
+    """The components a phase trains: all but those at lr_mult 0."""
+    trained = tuple(c for c in COMPONENTS if optim.lr_mult.get(c, 1.0) != 0.0)
+    if not trained:
+        raise VlrlError(f"{where}.optim.lr_mult: every component is at 0, so the phase would train nothing")
+    return trained

@@ -213,3 +213,35 @@ def test_a_phase_reads_its_own_data_stage(tmp_path):
     bad = BASE | {"sft": sft_config(phases=[{"name": "own", "data": "nowhere", "steps": 1}])}
     with pytest.raises(RecipeError, match="stages.sft.phases.0.data: 'nowhere' names no earlier stage"):
         validate_recipe(recipe(tmp_path / "bad", bad), "r.yaml")
+
+
+def test_a_component_at_lr_mult_zero_is_frozen_for_its_phase(tmp_path, monkeypatch):
+    """Phase `easy` freezes the tower (lr_mult 0: no gradients, so no backward through it
+    and no share of the clipping norm); phase `all` sets its own optim without it and
+    trains everything. The tower's weights come out unchanged only where it was frozen."""
+    import sft.sft_stage as stage_mod
+    from sft.sft_stage import _trained_components
+    from vlrl.errors import VlrlError
+    from vlrl.recipe_base import OptimSpec
+    from vlrl.runner import run_recipe
+
+    seen = []
+    real = stage_mod.train_steps
+
+    def spy(forward, optimizer, *args, **kwargs):
+        model = forward.model
+        tower = [p.requires_grad for n, p in model.named_parameters() if ".visual." in f".{n}"]
+        grouped = {id(p) for g in optimizer.param_groups for p in g["params"]}
+        seen.append((all(tower), not any(tower), all(id(p) in grouped for p in model.parameters() if p.requires_grad),
+                     any(id(p) in grouped for n, p in model.named_parameters() if ".visual." in f".{n}")))
+        return real(forward, optimizer, *args, **kwargs)
+
+    monkeypatch.setattr(stage_mod, "train_steps", spy)
+    cfg = sft_config(optim={"lr": 1e-3, "warmup_steps": 1, "lr_mult": {"vision": 0.0, "projector": 0.0}}, restore=None)
+    run_recipe(validate_recipe(recipe(tmp_path / "run", BASE | {"sft": cfg})))
+    # easy: tower frozen and out of the optimizer; all (own optim, no lr_mult): everything trained
+    assert seen[0] == (False, True, True, False) and seen[1] == (True, False, True, True)
+
+    assert _trained_components(OptimSpec(lr_mult={"vision": 0.0}), "x") == ("projector", "language")
+    with pytest.raises(VlrlError, match="every component is at 0"):
+        _trained_components(OptimSpec(lr_mult={"vision": 0.0, "projector": 0.0, "language": 0.0}), "stages.sft.phases.easy")

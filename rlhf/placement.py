@@ -62,26 +62,28 @@ def _first_line(e: BaseException) -> str:
     return line.split(" Last connection error:")[0]  # Ray's GCS error then dumps a traceback
 
 
+def _chain(e: BaseException | None) -> list[BaseException]:
+    """The error, then what caused it, and so on (each once)."""
+    out: list[BaseException] = []
+    while e is not None and all(e is not seen for seen in out):
+        out.append(e)
+        e = e.__cause__ or e.__context__
+    return out
+
+
 def _causes(e: BaseException) -> str:
     """The error and what caused it: Ray wraps the reason a join failed (a wrong token,
     no GCS at the address) in a generic "Failed to connect", which alone says nothing."""
-    lines, seen = [], set()
-    while e is not None and id(e) not in seen:
-        seen.add(id(e))
-        line = _first_line(e)
+    lines: list[str] = []
+    for err in _chain(e):
+        line = _first_line(err)
         if line not in lines:
             lines.append(line)
-        e = e.__cause__ or e.__context__
     return " <- ".join(lines)
 
 
 def _auth_hint(e: BaseException) -> str:
-    chain, seen = [], set()
-    while e is not None and id(e) not in seen:
-        seen.add(id(e))
-        chain.append(f"{type(e).__name__} {e}")
-        e = e.__cause__ or e.__context__
-    if any("AuthenticationError" in c or "InvalidAuthToken" in c for c in chain):
+    if any(t in f"{type(err).__name__} {err}" for err in _chain(e) for t in ("AuthenticationError", "InvalidAuthToken")):
         return (". The cluster uses token authentication: run with RAY_AUTH_MODE=token and its token in "
                 "~/.ray/auth_token or RAY_AUTH_TOKEN (or ray.address: auto on the head node)")
     return ""

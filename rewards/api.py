@@ -117,6 +117,7 @@ class RewardSample:
     response: str  # the generated text
     prompt: list[dict] = field(default_factory=list)  # chat messages [{"role", "content"}] before the response
     answer: str | None = None  # reference final answer (what belongs in \boxed{}), None when there is none
+    reference: str | None = None  # the record's whole reference response (worked steps and all), None when it has none
     task: str = "chat"  # routes the default components (see rewards.stack.DEFAULT_ROUTING)
     difficulty: int = 1
     meta: dict[str, Any] = field(default_factory=dict)  # free per-record data (answer_type, choices, ...)

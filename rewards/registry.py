@@ -22,7 +22,7 @@ from typing import Any, Iterator, NamedTuple
 from rewards.api import SPEC_ATTR, PluginError, RewardSpec, build_spec
 
 ENTRY_POINT_GROUP = "vlrl.rewards"
-_BUILTIN_MODULES = ("rewards.rules", "rewards.terms", "rewards.models")
+_BUILTIN_MODULES = ("rewards.rules", "rewards.terms", "rewards.steps", "rewards.models")
 
 
 class PluginRef(NamedTuple):

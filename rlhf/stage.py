@@ -378,7 +378,7 @@ class Controller:
             for c in g.completions:
                 samples.append(
                     RewardSample(
-                        response=c.text, prompt=prompt, answer=rec.answer, task=rec.task, difficulty=rec.difficulty, meta=rec.meta,
+                        response=c.text, prompt=prompt, answer=rec.answer, reference=rec.target_text(), task=rec.task, difficulty=rec.difficulty, meta=rec.meta,
                         response_ids=c.token_ids, finish_reason=c.finish_reason, images=images, group_id=g.gid, rewards=rec.rewards, id=rec.id,
                     )
                 )

@@ -38,7 +38,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rlhf import algos as A
 from rlhf.batch import build_policy_batch
 from rlhf.checkpoint import read_checkpoint
-from rlhf.health import TruncationWatch, length_is_penalised
+from rlhf.health import AnswerCollapseWatch, TruncationWatch, answer_key, length_is_penalised, top_share
 from sft.state import rng_state, set_rng_state
 from rlhf.curriculum import PromptCurriculum
 from rlhf.placement import RankGroup, check_resources, make_rollout_pool, rank_bundles, spawn, spawn_ranks, start_ray, stop_ray
@@ -106,6 +106,7 @@ class Controller:
         from vlrl.model.loading import load_processor
 
         self.ctx, self.cfg, self.placement = ctx, cfg, cfg.placement
+        self.last_answers: dict[str, list] = {}  # per task (response answer, reference answer) of the last step
         where = f"stages.{ctx.name}"
         reward_cfg = validate_rewards(cfg, where)  # before anything is loaded
         self.seed = ctx.seed()
@@ -420,6 +421,20 @@ class Controller:
                 )
         return out
 
+    def _answer_pairs(self, groups: list[Group]) -> dict[str, list[tuple[str | None, str | None]]]:
+        """Per task, (response answer, reference answer) of every completion, as AnswerCollapseWatch compares them."""
+        from vlrl.answers import answer_type_for
+
+        out: dict[str, list[tuple[str | None, str | None]]] = defaultdict(list)
+        for g in groups:
+            rec = self.dataset.records[g.record_index]
+            if rec.answer is None:
+                continue
+            kind = answer_type_for(rec.task, rec.meta)
+            ref = answer_key(rec.answer, kind)
+            out[rec.task] += [(answer_key(c.text, kind), ref) for c in g.completions]
+        return dict(out)
+
     def _metrics(self, s, groups, kept, batch, train, adv_metrics, extra, timer: Timer, rounds: int) -> dict[str, float]:
         results = [x for g in groups for x in g.results]
         comps = [c for g in groups for c in g.completions]
@@ -441,6 +456,8 @@ class Controller:
                     acc[task].append(res.correct)
                     acc["all"].append(res.correct)
         m.update({f"acc/{t}": sum(v) / len(v) for t, v in acc.items()})
+        self.last_answers = self._answer_pairs(groups)
+        m.update({f"answers/top_share/{t}": top_share([r for r, _ in pairs])[1] for t, pairs in self.last_answers.items()})
         lengths = torch.tensor([len(c.token_ids) for c in comps], dtype=torch.float64)
         m.update({"response/length_mean": float(lengths.mean()), "response/length_max": float(lengths.max()),
                   "response/stop_frac": sum(c.finish_reason == "stop" for c in comps) / len(comps)})
@@ -516,13 +533,14 @@ def run_stage(ctx) -> dict:
         watch = TruncationWatch(
             masked=cfg.algo.mask_truncated, penalised=length_is_penalised(cfg.reward_terms, cfg.rewards), max_tokens=cfg.rollout.max_tokens
         )
+        collapse = AnswerCollapseWatch()
         with _progress(ctx.console) as progress:
             task = progress.add_task("rl", total=cfg.steps, completed=ctl.start, reward=math.nan, tps=0.0)
             for s in range(ctl.start, cfg.steps):
                 last = ctl.step(s)
                 ctl.tracker.log(last, step=s + 1)
-                warning = watch.update(s + 1, last.get("batch/truncated_frac"))
-                if warning is not None:
+                found = [watch.update(s + 1, last.get("batch/truncated_frac")), *collapse.update(s + 1, ctl.last_answers)]
+                for warning in filter(None, found):
                     warnings.append(warning)
                     progress.console.print(f"[yellow]warning:[/] {warning}")
                 progress.update(task, completed=s + 1, reward=last.get("reward/total/mean", math.nan), tps=last["perf/rollout_tokens_per_s"])

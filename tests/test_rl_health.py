@@ -1,5 +1,6 @@
-"""The masked-truncation warning (rlhf/health.py): when it speaks, when it stays quiet,
-and that an RL stage whose responses all hit max_tokens says so in its DONE summary."""
+"""The RL health warnings (rlhf/health.py): masked-truncation runaway and answer collapse,
+when they speak, when they stay quiet, and that a stage reports them (DONE summary,
+per-step metrics)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,9 @@ import json
 
 import pytest
 
-from rlhf.health import TruncationWatch, length_is_penalised
+from rlhf.health import AnswerCollapseWatch, TruncationWatch, answer_key, length_is_penalised, top_share
+from rollout.store import RolloutStore
+from vlrl.answers import answer_type_for
 from vlrl.recipe_rl import RewardTermSpec
 from test_rl_stage import _run, build_micro_start, rl_recipe
 
@@ -51,6 +54,64 @@ def test_length_penalties_are_found_in_terms_and_in_the_stack():
     assert length_is_penalised({}, stack)
 
 
+@pytest.mark.parametrize(
+    "response, kind, key",
+    [
+        (r"\boxed{Blue.}", "text", "blue"),
+        ("I think\n BLUE ", "text", "blue"),  # last line, as eval reads it
+        (r"\boxed{7.0}", "number", "7"),
+        (r"\boxed{1,000}", "number", "1000"),
+        (r"\boxed{[11, 12, 84, 79]}", "box", "[10, 10, 80, 80]"),  # boxes a pixel or two apart are one answer
+        (r"\boxed{[10, 10, 80, 84]}", "box", "[10, 10, 80, 80]"),
+        (r"\boxed{no box}", "box", None),
+        (r"\boxed{seven}", "number", None),
+        ("", "text", None),
+    ],
+)
+def test_answer_key(response, kind, key):
+    assert answer_key(response, kind) == key
+
+
+def test_top_share():
+    assert top_share([]) == (None, 0.0)
+    assert top_share(["a", "b", "a", None]) == ("a", 0.5)
+
+
+def _pairs(answers, refs):
+    return list(zip(answers, refs))
+
+
+def test_collapse_warns_once_when_one_answer_takes_over_a_task_whose_references_vary():
+    w = AnswerCollapseWatch(window=2, min_responses=8)
+    refs = ["cat", "dog", "sun", "tree", "map", "cup", "hat", "pen"]  # each reference answer 12.5%
+    assert w.update(1, {"read_word": _pairs(["blue"] * 3 + ["cat", "dog", "sun", "tree", "map"], refs)}) == []  # 8 responses, 38% blue
+    out = w.update(2, {"read_word": _pairs(["blue"] * 7 + ["cat"], refs)})  # window: 10 of 16 blue = 62% >= 50% and >= 3 x 12.5%
+    assert len(out) == 1
+    assert "rl step 2: 62% of the read_word responses of the last 2 steps answer 'blue'" in out[0]
+    assert "no reference answer of those prompts covers more than 12%" in out[0]
+    assert "rewards.routing.read_word: [answer_match, format]" in out[0] and "perception_anchor" in out[0]
+    assert w.update(3, {"read_word": _pairs(["blue"] * 8, refs)}) == []  # said once per task
+
+
+def test_collapse_is_quiet_where_the_references_are_as_concentrated():
+    # "3" in 70% of responses is a collapse only if the references are far more spread
+    w = AnswerCollapseWatch(window=1, min_responses=10)
+    assert w.update(1, {"count_shapes": _pairs(["3"] * 7 + ["1"] * 3, ["3"] * 3 + ["1"] * 4 + ["2"] * 3)}) == []  # 70% < 3 x 40%
+    assert w.update(2, {"count_shapes": _pairs(["3"] * 7 + ["1"] * 3, ["3"] * 2 + ["1"] * 2 + ["2"] * 2 + ["4"] * 2 + ["5"] * 2)}) != []  # 70% >= 3 x 20%
+
+
+def test_collapse_needs_enough_responses_and_ignores_unreadable_answers():
+    w = AnswerCollapseWatch(window=3, min_responses=30)
+    refs = [str(i) for i in range(10)]
+    assert w.update(1, {"arith": _pairs(["4"] * 10, refs)}) == []  # all "4", but 10 < 30 responses
+    assert w.update(2, {"arith": _pairs([None] * 10, refs)}) == []  # 20 < 30
+    assert w.update(3, {"arith": _pairs([None] * 10, refs)}) == []  # 30: two thirds unreadable is not one answer, "4" is 33%
+    with pytest.raises(ValueError):
+        AnswerCollapseWatch(share=0.0)
+    with pytest.raises(ValueError):
+        AnswerCollapseWatch(ratio=0.5)
+
+
 @pytest.fixture(scope="module")
 def start(tmp_path_factory):
     return build_micro_start(tmp_path_factory.mktemp("rlstart"))
@@ -87,3 +148,21 @@ def test_a_stage_whose_cap_is_below_its_prompts_references_says_so_at_the_start(
     assert "reference response longer than" in printed and printed.index("reference response longer") < printed.index("rl checkpoint")
     out = _run(rl_recipe(tmp_path / "long", data, ckpt, steps=1, rollout={"max_tokens": 200}))
     assert "warnings" not in json.loads((out / "DONE.json").read_text())["summary"]
+
+
+def test_a_stage_logs_each_tasks_top_answer_share_as_its_rollouts_show_it(start, tmp_path):
+    """answers/top_share/<task> per step = the share of the commonest answer among that
+    step's stored responses of the task, recomputed here from the rollout store."""
+    data, ckpt = start
+    out = _run(rl_recipe(tmp_path / "shares", data, ckpt, steps=2))
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    with RolloutStore(out / "rollouts.sqlite", readonly=True) as store:
+        rows = store.query(limit=10_000)
+    checked = 0
+    for m in metrics:
+        step_rows = [r for r in rows if r.step == m["step"] - 1]
+        for task in {r.task for r in step_rows}:
+            keys = [answer_key(r.response, answer_type_for(r.task)) for r in step_rows if r.task == task]
+            assert m[f"answers/top_share/{task}"] == pytest.approx(top_share(keys)[1])
+            checked += 1
+    assert checked >= 2

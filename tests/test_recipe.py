@@ -22,7 +22,13 @@ def _raw() -> dict:
 
 def test_tiny_recipe_validates():
     r = load_recipe(TINY)
-    assert list(r.stages) == ["data", "reading", "model", "pretrain", "sft", "sft_shuffled", "sft_lowres", "merge", "rl"]
+    assert list(r.stages) == ["data", "reading", "rl_prompts", "model", "pretrain", "sft", "sft_shuffled", "sft_lowres", "merge", "rl"]
+    # RL draws fresh prompts (none in the held-out split's data stage), holds perception with the anchor
+    # and scores every task by the eval's verdict
+    rl = r.stages["rl"]
+    assert rl.data == "rl_prompts" and r.stages["rl_prompts"].exclude == ["data"]
+    assert rl.algo.perception_anchor.kl_coef > 0 and rl.curriculum.perception_share > 0
+    assert rl.rewards["routing"] == {} and rl.rewards["default_route"][0] == "answer_match"
     # SFT's reading phase draws from its own corpus, which excludes the data stage's records
     assert r.stages["sft"].phases[0].data == "reading" and r.stages["reading"].exclude == ["data"]
     # MindVL's merge: the same SFT at two resolutions
@@ -146,7 +152,7 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
 def test_cli_validate_ok_and_errors_in_one_line(tmp_path):
     ok = _cli("validate", str(TINY))
     assert ok.returncode == 0, ok.stderr
-    assert "9 stage(s)" in ok.stdout
+    assert "10 stage(s)" in ok.stdout
     raw = _raw()
     raw["stages"]["pretrain"]["optim"]["bogus"] = 1
     bad = tmp_path / "bad.yaml"

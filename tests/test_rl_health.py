@@ -166,3 +166,19 @@ def test_a_stage_logs_each_tasks_top_answer_share_as_its_rollouts_show_it(start,
             assert m[f"answers/top_share/{task}"] == pytest.approx(top_share(keys)[1])
             checked += 1
     assert checked >= 2
+
+
+def test_a_stage_reports_an_answer_collapse_in_its_summary(start, tmp_path, monkeypatch):
+    """The watch's warning reaches the console and DONE.json, once, like the truncation one.
+    The stage's own answers are replaced by a collapsed set (the micro model is too small to
+    collapse in two steps); the pairs' computation is checked by the test above."""
+    import rlhf.stage
+
+    collapsed = {"read_word": [("blue", f"word{i}") for i in range(8)]}
+    monkeypatch.setattr(rlhf.stage.Controller, "_answer_pairs", lambda self, groups: collapsed)
+    monkeypatch.setattr(rlhf.stage, "AnswerCollapseWatch", functools.partial(AnswerCollapseWatch, window=2, min_responses=8))
+    data, ckpt = start
+    out = _run(rl_recipe(tmp_path / "collapse", data, ckpt, steps=3))
+    warnings = json.loads((out / "DONE.json").read_text())["summary"]["warnings"]
+    said = [w for w in warnings if "of the read_word responses" in w]
+    assert len(said) == 1 and said[0].startswith("rl step 1: 100% of the read_word responses of the last 1 steps answer 'blue'")

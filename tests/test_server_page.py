@@ -79,6 +79,12 @@ def test_page_filters_opens_group_and_shows_image_and_components(tmp_path, brows
         page.select_option("#f-sort", "total_reward")
         page.click("#apply")
         page.wait_for_function("document.querySelector('#page-info').textContent.includes('of')")
+        # the unfiltered table from the first load is replaced asynchronously: wait until the
+        # filtered one is in place, or a slow render leaves rows.count() counting the old table
+        page.wait_for_function(
+            "(rs => rs.length > 0 && rs.every(r => r.cells.length > 2 && r.cells[2].textContent === 'arith'))"
+            "([...document.querySelectorAll('#rows tbody tr')])"
+        )
         rows = page.locator("#rows tbody tr")
         n = rows.count()
         assert n > 0

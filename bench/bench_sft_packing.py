@@ -25,8 +25,7 @@ import torch
 
 from sft.curriculum import RecordStream, build_plan
 from sft.feed import Feed
-from sft.sft_stage import _trained_components
-from sft.trainer import make_optimizer, optimizer_step, to_device
+from sft.trainer import make_optimizer, optimizer_step, to_device, trained_components
 from vlrl.data.images import RecordDataset
 from vlrl.data.io import split_path
 from vlrl.device import DeviceSpec, resolve_device
@@ -69,7 +68,7 @@ def main() -> None:
     # The tiny recipe's SFT settings: replay, and the tower frozen (lr_mult 0 -> no gradients, as the stage does).
     cfg = SftStage.model_validate({"from": args.model, "data": args.data, "phases": [{"name": "all", "steps": 1}], "replay": {"general": 0.1, "perception": 0.3},
                                    "optim": {"lr_mult": {"vision": 0.0, "projector": 0.0}}})
-    set_trainable(model, _trained_components(cfg.optim, "bench"))
+    set_trainable(model, trained_components(cfg.optim, "bench"))
     plan = build_plan(dataset.records, cfg, "bench")[0]
     forward = PackedForward(model)  # the stage's choice on this device
     other = PackedForward(model, by_record=not forward.by_record)

@@ -115,7 +115,7 @@ class AnswerCollapseWatch:
     share: float = 0.5
     ratio: float = 3.0
     min_responses: int = 100
-    _recent: dict = field(default_factory=dict, repr=False)  # task -> deque of (response keys, reference keys)
+    _recent: dict = field(default_factory=dict, repr=False)  # task -> deque (one entry a step) of (response, reference) pairs
     warned: set = field(default_factory=set)
 
     def __post_init__(self) -> None:

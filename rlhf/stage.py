@@ -270,6 +270,7 @@ class Controller:
             self.version = s + 1
         with timer("store"):
             self.store.append(self._rows(s, groups, adv, mask))
+        self.last_answers = self._answer_pairs(groups)
         metrics = self._metrics(s, groups, kept, batch, train, adv_metrics, {**trunc, **sampling, **hybrid}, timer, rounds)
         metrics["time/step"] = time.perf_counter() - t0
         self.kl_coef = A.next_kl_coef(cfg.algo.kl, s + 1, self.kl_coef, train.get("actor/kl_loss"), batch.rows, cfg.steps)
@@ -375,11 +376,11 @@ class Controller:
         for g in groups:
             rec = self.dataset.records[g.record_index]
             images = [str(self.data_file.parent / p) if isinstance(p, str) and not os.path.isabs(p) else p for p in rec.images]
-            prompt = chat_dicts(rec.prompt_messages())
+            prompt, reference = chat_dicts(rec.prompt_messages()), rec.target_text()
             for c in g.completions:
                 samples.append(
                     RewardSample(
-                        response=c.text, prompt=prompt, answer=rec.answer, reference=rec.target_text(), task=rec.task, difficulty=rec.difficulty, meta=rec.meta,
+                        response=c.text, prompt=prompt, answer=rec.answer, reference=reference, task=rec.task, difficulty=rec.difficulty, meta=rec.meta,
                         response_ids=c.token_ids, finish_reason=c.finish_reason, images=images, group_id=g.gid, rewards=rec.rewards, id=rec.id,
                     )
                 )
@@ -456,7 +457,6 @@ class Controller:
                     acc[task].append(res.correct)
                     acc["all"].append(res.correct)
         m.update({f"acc/{t}": sum(v) / len(v) for t, v in acc.items()})
-        self.last_answers = self._answer_pairs(groups)
         m.update({f"answers/top_share/{t}": top_share([r for r, _ in pairs])[1] for t, pairs in self.last_answers.items()})
         lengths = torch.tensor([len(c.token_ids) for c in comps], dtype=torch.float64)
         m.update({"response/length_mean": float(lengths.mean()), "response/length_max": float(lengths.max()),

@@ -23,9 +23,7 @@ import torch
 from sft.curriculum import RecordStream, build_plan, family_shares
 from sft.feed import Feed
 from sft.state import TrainerState, load_state, read_state, save_hf_checkpoint, save_state
-from sft.trainer import LoopHooks, load_for_training, make_optimizer, make_progress, train_steps
-from vlrl.errors import VlrlError
-from vlrl.model.loading import COMPONENTS
+from sft.trainer import LoopHooks, load_for_training, make_optimizer, make_progress, train_steps, trained_components
 from vlrl.recipe_sft import SftStage
 
 
@@ -79,7 +77,7 @@ def run_stage(ctx) -> dict:
             for pi, plan in enumerate(plans):
                 if pi < state.phase:
                     continue
-                set_trainable(model, _trained_components(plan.optim, f"stages.{ctx.name}.phases.{plan.name}"))
+                set_trainable(model, trained_components(plan.optim, f"stages.{ctx.name}.phases.{plan.name}"))
                 optimizer = make_optimizer(model.named_parameters(), plan.optim, component_of)
                 start = state.step if state.phase == pi else 0
                 if start > 0:
@@ -125,10 +123,3 @@ def _tracked(phase: int, step: int, global_step: int, feed: Feed) -> TrainerStat
     return TrainerState(phase=phase, step=step, global_step=global_step, skipped=feed.stats.skipped,
                         cursor=feed.cursor, pending=list(feed.pending), consumed=feed.stats.consumed)
 
-
-def _trained_components(optim, where: str) -> tuple[str, ...]:
-    """The components a phase trains: all but those at lr_mult 0."""
-    trained = tuple(c for c in COMPONENTS if optim.lr_mult.get(c, 1.0) != 0.0)
-    if not trained:
-        raise VlrlError(f"{where}.optim.lr_mult: every component is at 0, so the phase would train nothing")
-    return trained

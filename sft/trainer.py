@@ -23,6 +23,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from sft.schedule import lr_factor
+from vlrl.errors import VlrlError
+from vlrl.model.loading import COMPONENTS
 from vlrl.recipe import OptimSpec
 
 IGNORE = -100
@@ -38,6 +40,15 @@ def token_loss_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tu
     n = int((shift_labels != IGNORE).sum())
     loss = F.cross_entropy(shift_logits.reshape(-1, shift_logits.size(-1)), shift_labels.reshape(-1), ignore_index=IGNORE, reduction="sum")
     return loss, n
+
+
+def trained_components(optim: OptimSpec, where: str) -> tuple[str, ...]:
+    """The components a phase trains: all but those at lr_mult 0, which are frozen instead
+    (no backward through them, no share of the clipping norm)."""
+    trained = tuple(c for c in COMPONENTS if optim.lr_mult.get(c, 1.0) != 0.0)
+    if not trained:
+        raise VlrlError(f"{where}.optim.lr_mult: every component is at 0, so the phase would train nothing")
+    return trained
 
 
 def make_optimizer(

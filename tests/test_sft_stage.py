@@ -220,7 +220,7 @@ def test_a_component_at_lr_mult_zero_is_frozen_for_its_phase(tmp_path, monkeypat
     and no share of the clipping norm); phase `all` sets its own optim without it and
     trains everything. The tower's weights come out unchanged only where it was frozen."""
     import sft.sft_stage as stage_mod
-    from sft.sft_stage import _trained_components
+    from sft.trainer import trained_components
     from vlrl.errors import VlrlError
     from vlrl.recipe_base import OptimSpec
     from vlrl.runner import run_recipe
@@ -242,6 +242,6 @@ def test_a_component_at_lr_mult_zero_is_frozen_for_its_phase(tmp_path, monkeypat
     # easy: tower frozen and out of the optimizer; all (own optim, no lr_mult): everything trained
     assert seen[0] == (False, True, True, False) and seen[1] == (True, False, True, True)
 
-    assert _trained_components(OptimSpec(lr_mult={"vision": 0.0}), "x") == ("projector", "language")
+    assert trained_components(OptimSpec(lr_mult={"vision": 0.0}), "x") == ("projector", "language")
     with pytest.raises(VlrlError, match="every component is at 0"):
-        _trained_components(OptimSpec(lr_mult={"vision": 0.0, "projector": 0.0, "language": 0.0}), "stages.sft.phases.easy")
+        trained_components(OptimSpec(lr_mult={"vision": 0.0, "projector": 0.0, "language": 0.0}), "stages.sft.phases.easy")

@@ -18,22 +18,16 @@ costs and a wrong first value does not void the later ones.
 
 from __future__ import annotations
 
-import re
-
 from rewards.api import RewardSample, reward
-
-_BOX = re.compile(r"\\boxed\{")
-_NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
-_SENTENCE_END = re.compile(r"\.(?=\s|$)|\n")  # a full stop, not a decimal point
+from vlrl.worked_steps import NUMBER, sentences_before_box
 
 
 def equation_numbers(text: str) -> list[str]:
     """The numbers of every equation before the first \\boxed{, in order (as written)."""
-    head = _BOX.split(text, maxsplit=1)[0]
     out: list[str] = []
-    for sentence in _SENTENCE_END.split(head):
+    for sentence in sentences_before_box(text):
         if "=" in sentence:
-            out += _NUMBER.findall(sentence)
+            out += NUMBER.findall(sentence)
     return out
 
 

@@ -14,7 +14,8 @@ from vlrl.data.images import Sample
 from vlrl.data.io import write_records
 from vlrl.data.records import Record
 from vlrl.errors import DataError
-from vlrl.eval import Prediction, evaluate, generate_responses, render_table, summarize
+from vlrl.eval import Prediction, evaluate, generate_responses, render_steps_table, render_table, summarize
+from vlrl.step_errors import diagnose
 
 from vlrl_test_helpers import train_micro
 
@@ -195,3 +196,25 @@ def test_the_answer_prior_sits_beside_the_greedy_scores(trained, tmp_path):
     table = render_table(report)
     assert [c.header for c in table.columns][-2:] == ["prior %", "n"] and "commonest train answer" in table.caption
     assert evaluate((model, processor), samples[:4], batch_size=4, max_new_tokens=6).prior is None
+
+
+def test_records_with_worked_references_get_the_step_diagnosis(trained):
+    """The eval reads each response's computations against its record's reference; the
+    report's counts are diagnose() of the same rows, and the table has one row per task."""
+    model, processor, samples = trained
+    worked = []
+    for s in samples[:8]:
+        rec = s.record
+        ref = f"{rec.answer} - 0 = {rec.answer}. \\boxed{{{rec.answer}}}" if rec.task == "arith" else rec.target_text()
+        data = rec.model_dump()
+        data["messages"] = [data["messages"][0], {"role": "assistant", "content": ref}]
+        worked.append(Sample(Record.model_validate(data), s.images, s.row))
+    report = evaluate((model, processor), worked, batch_size=4, max_new_tokens=12)
+    arith = [s for s in worked if s.record.task == "arith"]
+    assert arith and list(report.steps) == ["arith"] and report.steps["arith"].n == len(arith)
+    by_id = {p.id: p for p in report.predictions}
+    rows = [(s.record.task, by_id[s.record.id].response, s.record.target_text(), by_id[s.record.id].correct) for s in worked]
+    assert report.steps == diagnose(rows)
+    assert report.steps["arith"].wrong == sum(not by_id[s.record.id].correct for s in arith)
+    assert render_steps_table(report).row_count == 1
+    assert render_steps_table(evaluate((model, processor), samples[:4], batch_size=4, max_new_tokens=4)) is None

@@ -140,7 +140,7 @@ def eval_cmd(
     (or, with --samples, pass@k: what RL at that temperature can turn into pass@1)."""
     from vlrl.data.io import split_path
     from vlrl.device import resolve_device
-    from vlrl.eval import describe_over_budget, evaluate, render_table
+    from vlrl.eval import describe_over_budget, evaluate, render_steps_table, render_table
     from vlrl.stages import train_split_beside
 
     data_file = data if data.is_file() else split_path(data, split)
@@ -171,6 +171,8 @@ def eval_cmd(
         model, data_file, batch_size=batch_size, max_new_tokens=max_new_tokens, limit=limit, device=spec.kind, prior_from=prior_from
     )
     console.print(render_table(report))
+    if (steps := render_steps_table(report)) is not None:
+        console.print(steps)
     if report.over_budget:
         text = describe_over_budget(report.over_budget_cells, report.n, max_new_tokens, "--max-new-tokens", report.longest_reference)
         console.print("[yellow]warning:[/] " + text, highlight=False)

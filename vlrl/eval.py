@@ -29,6 +29,7 @@ from vlrl.answers import answer_type_for, is_correct
 from vlrl.model.stops import stop_token_ids
 from vlrl.model.batching import Sample, collate_for_generation, pad_id
 from vlrl.report_cells import DIFFICULTIES, JsonReport, difficulty_cells
+from vlrl.step_errors import StepStats, diagnose
 
 
 
@@ -70,6 +71,8 @@ class EvalReport(JsonReport):
     # record's task and difficulty; family or task -> difficulty ("1".."5", "all") -> accuracy
     prior: dict[str, dict[str, float]] | None = None
     prior_from: str | None = None
+    # per task with worked references: values read vs arithmetic (vlrl.step_errors)
+    steps: dict[str, StepStats] = {}
     skipped: list[str]  # record ids left out because an image could not be read
     generated_tokens: int
     seconds: float
@@ -228,6 +231,7 @@ def evaluate(
         predictions, model=model_name, data=data_name, seconds=time.perf_counter() - start, skipped=skipped,
         over_budget=over, max_new_tokens=max_new_tokens, longest_reference=longest,
     )
+    report.steps = diagnose((p.task, p.response, s.record.target_text(), p.correct) for s, p in zip(samples, predictions))
     if prior_from is not None:
         from vlrl.answer_prior import AnswerPrior
         from vlrl.data.io import load_records
@@ -297,4 +301,21 @@ def render_table(report: EvalReport) -> Table:
     if report.prior is not None:
         notes.append("prior: the commonest train answer of each record's task and difficulty, never looking at the prompt")
     table.caption = ", ".join(notes)
+    return table
+
+
+def render_steps_table(report: EvalReport) -> Table | None:
+    """Values read vs arithmetic for the tasks whose references show their computations."""
+    if not report.steps:
+        return None
+    table = Table(title="worked steps, % of responses")
+    for col in ("task", "n", "read %", "computed %", "slip %", "misread %", "no steps %"):
+        table.add_column(col, justify="left" if col == "task" else "right", no_wrap=True)
+    for task, st in report.steps.items():
+        pct = [100 * x / st.n for x in (st.values_read, st.computed, st.wrong_slip, st.wrong_steps_hold, st.wrong_no_steps)]
+        table.add_row(task, str(st.n), *(f"{x:.1f}" for x in pct))
+    table.caption = (
+        "read: the first computation uses the reference's values; computed: every computation holds; "
+        "wrong answers with a false equation (slip), with every equation true (a misread value or a wrong operation), with none"
+    )
     return table

@@ -114,7 +114,7 @@ def train_split_beside(data_dir: Path, split: str) -> Path | None:
 def eval_checkpoint(ctx, checkpoint: Path, data_dir: Path, spec: EvalSpec) -> dict:
     """Greedy eval of a checkpoint on a held-out split; writes eval.json and prints the table."""
     from vlrl.data.io import split_path
-    from vlrl.eval import describe_over_budget, evaluate, render_table
+    from vlrl.eval import describe_over_budget, evaluate, render_steps_table, render_table
 
     data_file = split_path(data_dir, spec.split)
     on_bad = getattr(ctx.config, "on_bad_image", "error")
@@ -130,6 +130,8 @@ def eval_checkpoint(ctx, checkpoint: Path, data_dir: Path, spec: EvalSpec) -> di
     )
     report.to_json(ctx.dir / "eval.json")
     ctx.console.print(render_table(report))
+    if (steps := render_steps_table(report)) is not None:
+        ctx.console.print(steps)
     if report.over_budget:
         ctx.console.print("[yellow]warning:[/] " + describe_over_budget(
             report.over_budget_cells, report.n, spec.max_new_tokens, "eval.max_new_tokens", report.longest_reference

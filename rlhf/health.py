@@ -124,6 +124,15 @@ class AnswerCollapseWatch:
         if self.ratio < 1.0 or self.window < 1 or self.min_responses < 1:
             raise ValueError("ratio must be >= 1, window and min_responses >= 1")
 
+    def _message(self, step: int, task: str, steps: int, key: str, got: float, ref: float) -> str:
+        return (
+            f"rl step {step}: {got:.0%} of the {task} responses of the last {steps} steps answer {key!r}, "
+            f"while no reference answer of those prompts covers more than {ref:.0%}: the policy gives one answer "
+            "whatever the prompt shows. A partial-credit reward (ocr_similarity, iou, partial counting) pays for "
+            f"exactly this when the task is beyond the policy; give {task} its exact verdict "
+            f"(rewards.routing.{task}: [answer_match, format]) or hold it with algo.perception_anchor."
+        )
+
     def update(self, step: int, answers: dict[str, list[tuple[str | None, str | None]]]) -> list[str]:
         """Record one step's (response answer, reference answer) pairs per task; the warnings
         for tasks that collapsed in the current window (each task once)."""
@@ -141,11 +150,34 @@ class AnswerCollapseWatch:
             if key is None or got < self.share or got < self.ratio * ref:
                 continue
             self.warned.add(task)
-            out.append(
-                f"rl step {step}: {got:.0%} of the {task} responses of the last {len(q)} steps answer {key!r}, "
-                f"while no reference answer of those prompts covers more than {ref:.0%}: the policy gives one answer "
-                "whatever the prompt shows. A partial-credit reward (ocr_similarity, iou, partial counting) pays for "
-                f"exactly this when the task is beyond the policy; give {task} its exact verdict "
-                f"(rewards.routing.{task}: [answer_match, format]) or hold it with algo.perception_anchor."
-            )
+            out.append(self._message(step, task, len(q), key, got, ref))
         return out
+
+
+@dataclass
+class FirstStepCollapseWatch(AnswerCollapseWatch):
+    """The same watch over the first computation of worked solutions ("6 + 2 = 8"): answers
+    can stay varied while every response starts from one memorised equation, which is what a
+    reward that checks the steps but not the values they use pays for (docs/rl-stage.md,
+    "Reading or arithmetic?": 40% of arith responses began "6 + 2 = 8" within 140 steps).
+    References' first steps are spread thin (the commonest covered 2-8% of a 25-step window in
+    the runs measured), so a quarter of the responses is already far off them."""
+
+    share: float = 0.25
+
+    def _message(self, step: int, task: str, steps: int, key: str, got: float, ref: float) -> str:
+        return (
+            f"rl step {step}: {got:.0%} of the {task} responses of the last {steps} steps begin with {key!r}, "
+            f"while no reference's first step covers more than {ref:.0%}: the policy writes one computation "
+            "whatever the prompt shows. A reward that checks the steps (their arithmetic, their form) without "
+            "checking the values they use pays for exactly this; tie it to the reference's values (step_match) "
+            "or drop it."
+        )
+
+
+def first_step_key(text: str) -> str | None:
+    """The first computation of a worked solution as written (spaces collapsed); None without one."""
+    from vlrl.worked_steps import computations
+
+    steps = computations(text)
+    return steps[0].text if steps else None

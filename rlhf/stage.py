@@ -38,7 +38,15 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rlhf import algos as A
 from rlhf.batch import build_policy_batch
 from rlhf.checkpoint import read_checkpoint
-from rlhf.health import AnswerCollapseWatch, TruncationWatch, answer_key, length_is_penalised, top_share
+from rlhf.health import (
+    AnswerCollapseWatch,
+    FirstStepCollapseWatch,
+    TruncationWatch,
+    answer_key,
+    first_step_key,
+    length_is_penalised,
+    top_share,
+)
 from sft.state import rng_state, set_rng_state
 from rlhf.curriculum import PromptCurriculum
 from rlhf.placement import RankGroup, check_resources, make_rollout_pool, rank_bundles, spawn, spawn_ranks, start_ray, stop_ray
@@ -107,6 +115,7 @@ class Controller:
 
         self.ctx, self.cfg, self.placement = ctx, cfg, cfg.placement
         self.last_answers: dict[str, list] = {}  # per task (response answer, reference answer) of the last step
+        self.last_first_steps: dict[str, list] = {}  # per task (response's first computation, reference's) of the last step
         where = f"stages.{ctx.name}"
         reward_cfg = validate_rewards(cfg, where)  # before anything is loaded
         self.seed = ctx.seed()
@@ -271,6 +280,7 @@ class Controller:
         with timer("store"):
             self.store.append(self._rows(s, groups, adv, mask))
         self.last_answers = self._answer_pairs(groups)
+        self.last_first_steps = self._first_step_pairs(groups)
         metrics = self._metrics(s, groups, kept, batch, train, adv_metrics, {**trunc, **sampling, **hybrid}, timer, rounds)
         metrics["time/step"] = time.perf_counter() - t0
         self.kl_coef = A.next_kl_coef(cfg.algo.kl, s + 1, self.kl_coef, train.get("actor/kl_loss"), batch.rows, cfg.steps)
@@ -436,6 +446,17 @@ class Controller:
             out[rec.task] += [(answer_key(c.text, kind), ref) for c in g.completions]
         return dict(out)
 
+    def _first_step_pairs(self, groups: list[Group]) -> dict[str, list[tuple[str | None, str]]]:
+        """Per task, (response's first computation, reference's) of every completion whose
+        record's reference shows a computation, as FirstStepCollapseWatch compares them."""
+        out: dict[str, list[tuple[str | None, str]]] = defaultdict(list)
+        for g in groups:
+            rec = self.dataset.records[g.record_index]
+            ref = first_step_key(rec.target_text() or "")
+            if ref is not None:
+                out[rec.task] += [(first_step_key(c.text), ref) for c in g.completions]
+        return dict(out)
+
     def _metrics(self, s, groups, kept, batch, train, adv_metrics, extra, timer: Timer, rounds: int) -> dict[str, float]:
         results = [x for g in groups for x in g.results]
         comps = [c for g in groups for c in g.completions]
@@ -458,6 +479,7 @@ class Controller:
                     acc["all"].append(res.correct)
         m.update({f"acc/{t}": sum(v) / len(v) for t, v in acc.items()})
         m.update({f"answers/top_share/{t}": top_share([r for r, _ in pairs])[1] for t, pairs in self.last_answers.items()})
+        m.update({f"steps/top_share/{t}": top_share([r for r, _ in pairs])[1] for t, pairs in self.last_first_steps.items()})
         lengths = torch.tensor([len(c.token_ids) for c in comps], dtype=torch.float64)
         m.update({"response/length_mean": float(lengths.mean()), "response/length_max": float(lengths.max()),
                   "response/stop_frac": sum(c.finish_reason == "stop" for c in comps) / len(comps)})
@@ -533,13 +555,17 @@ def run_stage(ctx) -> dict:
         watch = TruncationWatch(
             masked=cfg.algo.mask_truncated, penalised=length_is_penalised(cfg.reward_terms, cfg.rewards), max_tokens=cfg.rollout.max_tokens
         )
-        collapse = AnswerCollapseWatch()
+        collapse, step_collapse = AnswerCollapseWatch(), FirstStepCollapseWatch()
         with _progress(ctx.console) as progress:
             task = progress.add_task("rl", total=cfg.steps, completed=ctl.start, reward=math.nan, tps=0.0)
             for s in range(ctl.start, cfg.steps):
                 last = ctl.step(s)
                 ctl.tracker.log(last, step=s + 1)
-                found = [watch.update(s + 1, last.get("batch/truncated_frac")), *collapse.update(s + 1, ctl.last_answers)]
+                found = [
+                    watch.update(s + 1, last.get("batch/truncated_frac")),
+                    *collapse.update(s + 1, ctl.last_answers),
+                    *step_collapse.update(s + 1, ctl.last_first_steps),
+                ]
                 for warning in filter(None, found):
                     warnings.append(warning)
                     progress.console.print(f"[yellow]warning:[/] {warning}")

@@ -9,9 +9,18 @@ import json
 
 import pytest
 
-from rlhf.health import AnswerCollapseWatch, TruncationWatch, answer_key, length_is_penalised, top_share
+from rlhf.health import (
+    AnswerCollapseWatch,
+    FirstStepCollapseWatch,
+    TruncationWatch,
+    answer_key,
+    first_step_key,
+    length_is_penalised,
+    top_share,
+)
 from rollout.store import RolloutStore
 from vlrl.answers import answer_type_for
+from vlrl.data.io import load_records, split_path
 from vlrl.recipe_rl import RewardTermSpec
 from test_rl_stage import _run, build_micro_start, rl_recipe
 
@@ -112,6 +121,26 @@ def test_collapse_needs_enough_responses_and_ignores_unreadable_answers():
         AnswerCollapseWatch(ratio=0.5)
 
 
+def test_first_step_key_is_the_first_computation_as_written():
+    assert first_step_key(r"6 +  2 = 8. 8 * 3 = 24. \boxed{24}") == "6 + 2 = 8"
+    assert first_step_key(r"cup = 5. 5 - 1 = 4. \boxed{4}") == "5 - 1 = 4"  # a label computes nothing
+    assert first_step_key(r"\boxed{4}") is None
+
+
+def test_first_step_collapse_warns_at_a_quarter_and_names_the_step():
+    """The measured hack: one memorised equation opens most responses while the answers vary."""
+    w = FirstStepCollapseWatch(window=2, min_responses=8)
+    refs = [f"{i} + {i + 1} = {2 * i + 1}" for i in range(8)]  # each reference first step 12.5%
+    assert w.update(1, {"arith": _pairs(["6 + 2 = 8"] * 2 + refs[:6], refs)}) == []  # 25%, but 25% < 3 x 12.5%
+    out = w.update(2, {"arith": _pairs(["6 + 2 = 8"] * 6 + refs[:2], refs)})  # window: 8 of 16 = 50% >= 25% and >= 37.5%
+    assert len(out) == 1
+    assert out[0].startswith("rl step 2: 50% of the arith responses of the last 2 steps begin with '6 + 2 = 8'")
+    assert "step_match" in out[0] and "answer" not in out[0].split("begin with")[0]
+    assert w.update(3, {"arith": _pairs(["6 + 2 = 8"] * 8, refs)}) == []  # once per task
+    quiet = FirstStepCollapseWatch(window=1, min_responses=8)
+    assert quiet.update(1, {"arith": _pairs([None] * 8, refs)}) == []  # no computation at all is not one computation
+
+
 @pytest.fixture(scope="module")
 def start(tmp_path_factory):
     return build_micro_start(tmp_path_factory.mktemp("rlstart"))
@@ -167,6 +196,17 @@ def test_a_stage_logs_each_tasks_top_answer_share_as_its_rollouts_show_it(start,
             checked += 1
     assert checked >= 2
 
+    records = {r.id: r for r in load_records(split_path(data, "train"))}
+    worked = 0
+    for m in metrics:
+        step_rows = [r for r in rows if r.step == m["step"] - 1 and first_step_key(records[r.record_id].target_text() or "")]
+        for task in {r.task for r in step_rows}:
+            keys = [first_step_key(r.response) for r in step_rows if r.task == task]
+            assert m[f"steps/top_share/{task}"] == pytest.approx(top_share(keys)[1])
+            worked += 1
+        assert not {k for k in m if k.startswith("steps/top_share/")} - {f"steps/top_share/{r.task}" for r in step_rows}
+    assert worked >= 1
+
 
 def test_a_stage_reports_an_answer_collapse_in_its_summary(start, tmp_path, monkeypatch):
     """The watch's warning reaches the console and DONE.json, once, like the truncation one.
@@ -182,3 +222,16 @@ def test_a_stage_reports_an_answer_collapse_in_its_summary(start, tmp_path, monk
     warnings = json.loads((out / "DONE.json").read_text())["summary"]["warnings"]
     said = [w for w in warnings if "of the read_word responses" in w]
     assert len(said) == 1 and said[0].startswith("rl step 1: 100% of the read_word responses of the last 1 steps answer 'blue'")
+
+
+def test_a_stage_reports_a_first_step_collapse_in_its_summary(start, tmp_path, monkeypatch):
+    import rlhf.stage
+
+    collapsed = {"arith": [("6 + 2 = 8", f"{i} + 1 = {i + 1}") for i in range(8)]}
+    monkeypatch.setattr(rlhf.stage.Controller, "_first_step_pairs", lambda self, groups: collapsed)
+    monkeypatch.setattr(rlhf.stage, "FirstStepCollapseWatch", functools.partial(FirstStepCollapseWatch, window=2, min_responses=8))
+    data, ckpt = start
+    out = _run(rl_recipe(tmp_path / "steps", data, ckpt, steps=3))
+    warnings = json.loads((out / "DONE.json").read_text())["summary"]["warnings"]
+    said = [w for w in warnings if "begin with" in w]
+    assert len(said) == 1 and said[0].startswith("rl step 1: 100% of the arith responses of the last 1 steps begin with '6 + 2 = 8'")

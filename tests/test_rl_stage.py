@@ -127,7 +127,8 @@ def undocumented(metrics: list[dict]) -> list[str]:
             if k in ("step", "time") or k.startswith("rollout_corr/") or f"`{k}`" in text:
                 continue
             parts = k.split("/")
-            generic = {"reward": f"reward/<name>/{parts[-1]}", "acc": "acc/<task>", "answers": f"answers/{parts[1]}/<task>"}.get(parts[0])
+            generic = {"reward": f"reward/<name>/{parts[-1]}", "acc": "acc/<task>", "answers": f"answers/{parts[1]}/<task>",
+                       "steps": f"steps/{parts[1]}/<task>"}.get(parts[0])
             if generic is None or f"`{generic}`" not in text:
                 missing.add(k)
     return sorted(missing)

@@ -208,30 +208,25 @@ def test_a_stage_logs_each_tasks_top_answer_share_as_its_rollouts_show_it(start,
     assert worked >= 1
 
 
-def test_a_stage_reports_an_answer_collapse_in_its_summary(start, tmp_path, monkeypatch):
-    """The watch's warning reaches the console and DONE.json, once, like the truncation one.
-    The stage's own answers are replaced by a collapsed set (the micro model is too small to
-    collapse in two steps); the pairs' computation is checked by the test above."""
+@pytest.mark.parametrize(
+    "pairs_method, watch, collapsed, said",
+    [
+        ("_answer_pairs", AnswerCollapseWatch, {"read_word": [("blue", f"word{i}") for i in range(8)]},
+         "rl step 1: 100% of the read_word responses of the last 1 steps answer 'blue'"),
+        ("_first_step_pairs", FirstStepCollapseWatch, {"arith": [("6 + 2 = 8", f"{i} + 1 = {i + 1}") for i in range(8)]},
+         "rl step 1: 100% of the arith responses of the last 1 steps begin with '6 + 2 = 8'"),
+    ],
+)
+def test_a_stage_reports_a_collapse_in_its_summary(start, tmp_path, monkeypatch, pairs_method, watch, collapsed, said):
+    """Each collapse watch's warning reaches the console and DONE.json, once, like the
+    truncation one. The stage's own pairs are replaced by a collapsed set (the micro model is
+    too small to collapse in two steps); the pairs' computation is checked by the test above."""
     import rlhf.stage
 
-    collapsed = {"read_word": [("blue", f"word{i}") for i in range(8)]}
-    monkeypatch.setattr(rlhf.stage.Controller, "_answer_pairs", lambda self, groups: collapsed)
-    monkeypatch.setattr(rlhf.stage, "AnswerCollapseWatch", functools.partial(AnswerCollapseWatch, window=2, min_responses=8))
+    monkeypatch.setattr(rlhf.stage.Controller, pairs_method, lambda self, groups: collapsed)
+    monkeypatch.setattr(rlhf.stage, watch.__name__, functools.partial(watch, window=2, min_responses=8))
     data, ckpt = start
     out = _run(rl_recipe(tmp_path / "collapse", data, ckpt, steps=3))
     warnings = json.loads((out / "DONE.json").read_text())["summary"]["warnings"]
-    said = [w for w in warnings if "of the read_word responses" in w]
-    assert len(said) == 1 and said[0].startswith("rl step 1: 100% of the read_word responses of the last 1 steps answer 'blue'")
-
-
-def test_a_stage_reports_a_first_step_collapse_in_its_summary(start, tmp_path, monkeypatch):
-    import rlhf.stage
-
-    collapsed = {"arith": [("6 + 2 = 8", f"{i} + 1 = {i + 1}") for i in range(8)]}
-    monkeypatch.setattr(rlhf.stage.Controller, "_first_step_pairs", lambda self, groups: collapsed)
-    monkeypatch.setattr(rlhf.stage, "FirstStepCollapseWatch", functools.partial(FirstStepCollapseWatch, window=2, min_responses=8))
-    data, ckpt = start
-    out = _run(rl_recipe(tmp_path / "steps", data, ckpt, steps=3))
-    warnings = json.loads((out / "DONE.json").read_text())["summary"]["warnings"]
-    said = [w for w in warnings if "begin with" in w]
-    assert len(said) == 1 and said[0].startswith("rl step 1: 100% of the arith responses of the last 1 steps begin with '6 + 2 = 8'")
+    collapses = [w for w in warnings if " responses of the last " in w]
+    assert len(collapses) == 1 and collapses[0].startswith(said)

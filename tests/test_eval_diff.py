@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 
 from vlrl.cli import app
 from vlrl.errors import VlrlError
-from vlrl.eval_diff import Z95, diff_reports, load_report, mcnemar_exact_p, paired_delta_ci
+from vlrl.eval_diff import Z95, compare_with_start, diff_reports, load_report, mcnemar_exact_p, paired_delta_ci, steps_markdown
 
 
 def test_mcnemar_exact_against_the_binomial_tail():
@@ -122,3 +122,32 @@ def test_compare_command(tmp_path):
     assert rows[-1]["group"] == "all" and rows[-1]["new_only"] == 2 and rows[-1]["base_only"] == 1
     bad = CliRunner().invoke(app, ["compare", str(a), str(tmp_path / "nope.json")])
     assert bad.exit_code != 0 and "no eval report here" in str(bad.exception)
+
+
+def _steps(n, read, computed, slip, held):
+    return {"n": n, "values_read": read, "computed": computed, "wrong": slip + held, "wrong_slip": slip,
+            "wrong_steps_hold": held, "wrong_no_steps": 0}
+
+
+def test_worked_steps_side_by_side_in_compare_and_vs_start(tmp_path):
+    """Which of reading and arithmetic moved: both reports' step diagnoses, for the tasks both
+    have; nothing when either report has none (an eval written before the diagnosis)."""
+    a, b = _pair(tmp_path)
+    base, new = json.loads(a.read_text()), json.loads(b.read_text())
+    base["steps"] = {"arith": _steps(4, 2, 1, 2, 1), "text_arith": _steps(2, 2, 0, 2, 0)}
+    new["steps"] = {"arith": _steps(4, 2, 3, 0, 1)}
+    a.write_text(json.dumps(base))
+    b.write_text(json.dumps(new))
+    table = steps_markdown(load_report(a), load_report(b))
+    assert table.splitlines()[2] == "| arith | 4 | 50.0 -> 50.0 | 25.0 -> 75.0 | 50.0 -> 0.0 | 25.0 -> 25.0 |"
+    assert len(table.splitlines()) == 3  # text_arith is in one report only
+    assert steps_markdown(load_report(a), {"predictions": []}) == ""
+
+    start, stage = tmp_path / "sft", tmp_path / "rl"
+    for folder, src in ((start, a), (stage, b)):
+        folder.mkdir()
+        (folder / "eval.json").write_text(src.read_text())
+    compare_with_start(stage, start)
+    assert table in (stage / "vs_start.md").read_text()
+    result = CliRunner().invoke(app, ["compare", str(a), str(b)], terminal_width=160)
+    assert result.exit_code == 0 and "| arith | 4 | 50.0 -> 50.0 | 25.0 -> 75.0 |" in result.output

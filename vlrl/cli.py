@@ -193,7 +193,7 @@ def compare(
 
     from rich.table import Table
 
-    from vlrl.eval_diff import diff_reports, load_report
+    from vlrl.eval_diff import diff_reports, load_report, steps_markdown
 
     a, b = load_report(base), load_report(new)
     rows = diff_reports(a, b, by=by)
@@ -209,6 +209,9 @@ def compare(
                       f"{100 * r.delta:+.1f}", f"[{100 * r.ci_low:+.1f}, {100 * r.ci_high:+.1f}]",
                       f"{r.new_only} / {r.base_only}", f"{r.p_value:.3g}")
     console.print(table)
+    steps = steps_markdown(a, b)
+    if steps:
+        console.print("worked steps, % of responses (base -> new):\n" + steps, highlight=False, markup=False)
     if json_out:
         json_out.parent.mkdir(parents=True, exist_ok=True)
         json_out.write_text(json.dumps([r.model_dump() for r in rows], indent=2) + "\n")

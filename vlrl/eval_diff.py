@@ -133,6 +133,26 @@ def markdown_table(rows: list[PairedScore], by: str = "family") -> str:
     return "\n".join(lines) + "\n"
 
 
+def steps_markdown(base: dict, new: dict) -> str:
+    """The worked-step diagnosis of both reports side by side (docs/metrics.md), for the tasks
+    both have: which of reading and arithmetic moved. Empty when either report lacks it (an
+    eval from before it existed, or a task world without worked references)."""
+    a, b = base.get("steps") or {}, new.get("steps") or {}
+    tasks = sorted(set(a) & set(b))
+    if not tasks:
+        return ""
+
+    def pct(st: dict, key: str) -> float:
+        return 100 * st[key] / st["n"] if st["n"] else 0.0
+
+    lines = ["| task | n | values read % (base -> new) | every step holds % | wrong with a slip % | wrong, steps hold % |",
+             "|---|---|---|---|---|---|"]
+    for t in tasks:
+        cells = [f"{pct(a[t], k):.1f} -> {pct(b[t], k):.1f}" for k in ("values_read", "computed", "wrong_slip", "wrong_steps_hold")]
+        lines.append(f"| {t} | {b[t]['n']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def compare_with_start(stage_dir: Path, start_dir: Path) -> tuple[list[PairedScore] | None, str]:
     """A training stage's eval against the eval of the stage it started from, when both
     scored the same records: (rows, note). Writes vs_start.json and vs_start.md in
@@ -145,6 +165,10 @@ def compare_with_start(stage_dir: Path, start_dir: Path) -> tuple[list[PairedSco
     except VlrlError as e:
         return None, f"no paired comparison: {e}"
     (stage_dir / "vs_start.json").write_text(json.dumps({"start": str(start_dir), "rows": [r.model_dump() for r in rows]}, indent=2) + "\n")
-    (stage_dir / "vs_start.md").write_text(f"{stage_dir.name} vs its start {start_dir.name}, paired on the same records\n\n" + markdown_table(rows))
+    steps = steps_markdown(load_report(theirs), load_report(mine))
+    (stage_dir / "vs_start.md").write_text(
+        f"{stage_dir.name} vs its start {start_dir.name}, paired on the same records\n\n" + markdown_table(rows)
+        + (f"\nWorked steps, % of responses (read or computed?, docs/metrics.md)\n\n{steps}" if steps else "")
+    )
     return rows, f"{stage_dir.name} vs {start_dir.name} (paired): " + ", ".join(
         f"{r.group} {100 * r.delta:+.1f} pts [{100 * r.ci_low:+.1f}, {100 * r.ci_high:+.1f}] p={r.p_value:.2g}" for r in rows if r.group != "all")

@@ -1,6 +1,7 @@
 """Reading the computations of a worked solution, against hand checks and the task world."""
 
 import random
+from fractions import Fraction
 
 import pytest
 
@@ -19,6 +20,7 @@ REF = r"3 * 5 = 15. 15 + 8 = 23. \boxed{23}"
         (r"(2 + 3) * 4 = 20. 7 × 3 = 21. 8 ÷ 2 = 5. \boxed{5}", [("+*", True), ("*", True), ("/", False)]),
         (r"6 * 10 = 60 = 60 = 61. 60 = 60. \boxed{60}", [("*", False)]),  # a chain is one; "60 = 60" computes nothing
         (r"-3 + 5 = 2. \boxed{2}", [("+", True)]),  # a sign is not an operator
+        (r"10 / 3 = 3.33. 10 / 3 = 3.3. 10 / 3 = 3.4. 2 / 3 = 0.667. \boxed{3.33}", [("/", True), ("/", True), ("/", False), ("/", True)]),  # rounded as written
         (r"cup = 5. x = 3 + 4. \boxed{5}", []),  # labels: nothing to check
         (r"4 / 0 = 1. 2 ** 9 = 512. __import__(1) = 1. \boxed{1}", []),  # not arithmetic we check, never run as code
         (r"I get 7. \boxed{3 + 4 = 8}", []),  # only the steps before the box count
@@ -36,7 +38,15 @@ def test_operands_are_kept_as_written():
 def test_exact_values():
     assert exact_value("1 / 3 + 1 / 6") == exact_value("0.5")
     assert exact_value("0.1 + 0.2") == exact_value("0.3")  # exact, not floating point
+    assert exact_value("0.12345678901234567891") - exact_value("0.1234567890123456789") == Fraction(1, 10**20)  # literals as written
     assert exact_value("2 ** 3") is None and exact_value("") is None and exact_value("a + 1") is None
+
+
+def test_runaway_expressions_are_not_steps():
+    assert exact_value(" + ".join(["1"] * 40)) == 40  # 159 characters
+    assert exact_value(" + ".join(["1"] * 2000)) is None  # past MAX_EXPRESSION: never parsed
+    assert exact_value("(" * 150 + "1" + ")" * 40) is None  # unbalanced: a syntax error, not a crash
+    assert computations("(" * 90 + "1" + ")" * 90 + " + 1 = 2. \\boxed{2}")[0].holds
 
 
 def test_every_task_world_reference_holds_and_a_slip_does_not():

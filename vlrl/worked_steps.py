@@ -18,6 +18,8 @@ BOX = re.compile(r"\\boxed\{")
 NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
 _SENTENCE_END = re.compile(r"\.(?=\s|$)|\n")  # a full stop, not a decimal point
 _ARITHMETIC = re.compile(r"^[\d\s.+\-*/()]+$")
+_DECIMAL = re.compile(r"^\s*-?\d+\.(\d+)\s*$")
+MAX_EXPRESSION = 200  # characters: a worked step is short; longer runs are not steps (and would nest deeply)
 _OPERATOR = re.compile(r"(?<=[\d)\s])[-+*/]")  # binary: after a number, a bracket or a space
 _OPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv}
 
@@ -30,16 +32,16 @@ def exact_value(expr: str) -> Fraction | None:
     """The exact value of numbers joined by + - * / and brackets; None for anything else
     (words, variables, powers, a division by zero)."""
     expr = expr.replace("×", "*").replace("÷", "/").strip()
-    if not expr or not _ARITHMETIC.match(expr):
+    if not expr or len(expr) > MAX_EXPRESSION or not _ARITHMETIC.match(expr):
         return None
     try:
         tree = ast.parse(expr, mode="eval").body
-    except SyntaxError:
+    except (SyntaxError, RecursionError):
         return None
 
     def value(node: ast.AST) -> Fraction:
         if isinstance(node, ast.Constant) and isinstance(node.value, (int, float)) and not isinstance(node.value, bool):
-            return Fraction(str(node.value))
+            return Fraction(ast.get_source_segment(expr, node))  # the literal as written: no float rounding
         if isinstance(node, ast.BinOp) and type(node.op) in _OPS:
             return _OPS[type(node.op)](value(node.left), value(node.right))
         if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.USub, ast.UAdd)):
@@ -49,15 +51,24 @@ def exact_value(expr: str) -> Fraction | None:
 
     try:
         return value(tree)
-    except (ValueError, ZeroDivisionError):
+    except (ValueError, ZeroDivisionError, RecursionError):
         return None
+
+
+def _agrees(exact: Fraction, side: str, value: Fraction) -> bool:
+    """A later side equals the first, or is it rounded to the decimals it is written with
+    ("10 / 3 = 3.33" holds; "10 / 3 = 3.3" does too, "10 / 3 = 3.4" does not)."""
+    if value == exact:
+        return True
+    m = _DECIMAL.match(side)
+    return m is not None and abs(exact - value) <= Fraction(5, 10 ** (len(m.group(1)) + 1))
 
 
 @dataclass(frozen=True)
 class Computation:
     operands: tuple[str, ...]  # the numbers of its first side, as written
     ops: str  # its first side's operators in order ("+*" for "2 + 3 * 4")
-    holds: bool  # every side has the same exact value
+    holds: bool  # every later side equals the first (or is it rounded, when written as a decimal)
     text: str  # the sentence, spaces collapsed ("6 + 2 = 8")
 
 
@@ -74,5 +85,6 @@ def computations(text: str) -> list[Computation]:
         values = [exact_value(side) for side in sides]
         if all(v is not None for v in values):
             text = " ".join(sentence.split())
-            out.append(Computation(tuple(NUMBER.findall(sides[0])), ops, len(set(values)) == 1, text))
+            holds = all(_agrees(values[0], side, v) for side, v in zip(sides[1:], values[1:]))
+            out.append(Computation(tuple(NUMBER.findall(sides[0])), ops, holds, text))
     return out

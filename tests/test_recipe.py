@@ -22,7 +22,7 @@ def _raw() -> dict:
 
 def test_tiny_recipe_validates():
     r = load_recipe(TINY)
-    assert list(r.stages) == ["data", "reading", "rl_prompts", "model", "pretrain", "sft", "sft_shuffled", "sft_lowres", "merge", "rl"]
+    assert list(r.stages) == ["data", "reading", "rl_prompts", "arithmetic", "model", "pretrain", "sft", "sft_shuffled", "sft_lowres", "merge", "rl"]
     # RL draws fresh prompts (none in the held-out split's data stage), holds perception with the anchor
     # and scores every task by the eval's verdict
     rl = r.stages["rl"]
@@ -31,12 +31,15 @@ def test_tiny_recipe_validates():
     assert rl.rewards["routing"] == {} and rl.rewards["default_route"][0] == "answer_match"
     # SFT's reading phase draws from its own corpus, which excludes the data stage's records
     assert r.stages["sft"].phases[0].data == "reading" and r.stages["reading"].exclude == ["data"]
+    # pretraining's arithmetic phase reads its own text corpus, which excludes the data stage's records
+    arith = next(ph for ph in r.stages["pretrain"].phases if ph.name == "arithmetic")
+    assert arith.data == "arithmetic" and arith.select.tasks == ["text_arith"] and r.stages["arithmetic"].exclude == ["data"]
     # MindVL's merge: the same SFT at two resolutions
     assert r.stages["merge"].parts == ["sft", "sft_lowres"]
     assert r.stages["sft_lowres"].max_pixels == 9 * 28 * 28 and r.stages["sft"].max_pixels is None
     assert r.stages["sft_lowres"].phases == r.stages["sft"].phases
     assert r.stages["pretrain"].from_ == "model"
-    assert [p.trainable for p in r.stages["pretrain"].phases] == ["language", "language", "language"]  # tower frozen
+    assert [p.trainable for p in r.stages["pretrain"].phases] == ["language"] * 4  # tower frozen
     assert r.stages["model"].vision_pretrain is not None and r.stages["model"].vision_pretrain.steps > 0
 
 
@@ -103,7 +106,7 @@ def test_override_does_not_mutate_input():
 
 @pytest.mark.parametrize(
     "item,match",
-    [("nokey", "key.path=value"), ("pretrain.phases.9.steps=1", "list index below 3"), ("seed.x=1", "is a value")],
+    [("nokey", "key.path=value"), ("pretrain.phases.9.steps=1", "list index below 4"), ("seed.x=1", "is a value")],
 )
 def test_bad_overrides(item, match):
     with pytest.raises(RecipeError, match=match):
@@ -152,7 +155,7 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
 def test_cli_validate_ok_and_errors_in_one_line(tmp_path):
     ok = _cli("validate", str(TINY))
     assert ok.returncode == 0, ok.stderr
-    assert "10 stage(s)" in ok.stdout
+    assert "11 stage(s)" in ok.stdout
     raw = _raw()
     raw["stages"]["pretrain"]["optim"]["bogus"] = 1
     bad = tmp_path / "bad.yaml"

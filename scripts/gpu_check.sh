@@ -36,7 +36,7 @@ fi
 SHORT=(
   device=cuda "run_dir=$OUT/tiny" eval.limit=300
   model.vision_pretrain.steps=300
-  pretrain.phases.0.steps=50 pretrain.phases.1.steps=200 pretrain.phases.2.steps=200
+  pretrain.phases.0.steps=50 pretrain.phases.1.steps=200 pretrain.phases.2.steps=200 pretrain.phases.3.steps=200
 )
 for s in sft sft_shuffled sft_lowres; do
   SHORT+=("$s.phases.0.steps=10" "$s.phases.1.steps=20" "$s.restore.steps=10")

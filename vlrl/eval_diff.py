@@ -161,11 +161,12 @@ def compare_with_start(stage_dir: Path, start_dir: Path) -> tuple[list[PairedSco
     if not (mine.is_file() and theirs.is_file()):
         return None, ""  # the start was not evaluated (a model stage with eval: false)
     try:
-        rows = diff_reports(load_report(theirs), load_report(mine))
+        base, new = load_report(theirs), load_report(mine)
+        rows = diff_reports(base, new)
     except VlrlError as e:
         return None, f"no paired comparison: {e}"
     (stage_dir / "vs_start.json").write_text(json.dumps({"start": str(start_dir), "rows": [r.model_dump() for r in rows]}, indent=2) + "\n")
-    steps = steps_markdown(load_report(theirs), load_report(mine))
+    steps = steps_markdown(base, new)
     (stage_dir / "vs_start.md").write_text(
         f"{stage_dir.name} vs its start {start_dir.name}, paired on the same records\n\n" + markdown_table(rows)
         + (f"\nWorked steps, % of responses (read or computed?, docs/metrics.md)\n\n{steps}" if steps else "")

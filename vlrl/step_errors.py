@@ -39,16 +39,12 @@ def diagnose(rows: Iterable[tuple[str, str, str | None, bool]]) -> dict[str, Ste
         if not need:
             continue
         got = computations(response)
+        all_hold = bool(got) and all(x.holds for x in got)
         c = counts[task]
         c["n"] += 1
         c["values_read"] += bool(got) and sorted(got[0].operands) == sorted(need[0].operands)
-        c["computed"] += bool(got) and all(x.holds for x in got)
+        c["computed"] += all_hold
         if not correct:
             c["wrong"] += 1
-            if not got:
-                c["wrong_no_steps"] += 1
-            elif all(x.holds for x in got):
-                c["wrong_steps_hold"] += 1
-            else:
-                c["wrong_slip"] += 1
+            c["wrong_no_steps" if not got else "wrong_steps_hold" if all_hold else "wrong_slip"] += 1
     return {task: StepStats(**counts[task]) for task in sorted(counts)}

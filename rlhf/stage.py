@@ -38,6 +38,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rlhf import algos as A
 from rlhf.batch import build_policy_batch
 from rlhf.checkpoint import read_checkpoint
+from rlhf.heldout import HeldoutCurve, curve_summary, curve_table, describe_point, read_curve
 from rlhf.health import (
     AnswerCollapseWatch,
     FirstStepCollapseWatch,
@@ -546,10 +547,16 @@ def run_stage(ctx) -> dict:
         if not (final / "config.json").is_file():
             shutil.copytree(found[0] / "policy", final)
         ctx.console.print(f"[dim]rl already trained ({found[1]['step']} steps); checkpoint at {final}[/]")
-        return {"steps": found[1]["step"]}
+        points = read_curve(ctx.dir)
+        curve = {"heldout_curve": curve_summary(points)} if points else {}
+        return {"steps": found[1]["step"], **curve}
     ctl = None
+    # before any worker starts: a curve without eval data is a recipe error, said at once
+    curve = HeldoutCurve(ctx, cfg.eval_every, cfg.eval_limit, cfg.steps) if cfg.eval_every else None
     try:
         ctl = Controller(ctx, cfg)
+        if curve is not None:
+            curve.resume(ctl.start)
         last: dict[str, float] = {}
         warnings: list[str] = [ctl.length_warning] if ctl.length_warning else []
         watch = TruncationWatch(
@@ -558,6 +565,8 @@ def run_stage(ctx) -> dict:
         collapse, step_collapse = AnswerCollapseWatch(), FirstStepCollapseWatch()
         with _progress(ctx.console) as progress:
             task = progress.add_task("rl", total=cfg.steps, completed=ctl.start, reward=math.nan, tps=0.0)
+            if curve is not None and curve.wants(ctl.start):
+                progress.console.print(describe_point(curve.take(ctl.start, ctl.trainer.save_pretrained, ctl.tracker)))
             for s in range(ctl.start, cfg.steps):
                 last = ctl.step(s)
                 ctl.tracker.log(last, step=s + 1)
@@ -570,6 +579,8 @@ def run_stage(ctx) -> dict:
                     warnings.append(warning)
                     progress.console.print(f"[yellow]warning:[/] {warning}")
                 progress.update(task, completed=s + 1, reward=last.get("reward/total/mean", math.nan), tps=last["perf/rollout_tokens_per_s"])
+                if curve is not None and curve.wants(s + 1):
+                    progress.console.print(describe_point(curve.take(s + 1, ctl.trainer.save_pretrained, ctl.tracker)))
                 if (s + 1) % cfg.checkpoint_every == 0 and s + 1 != cfg.steps:
                     ctl.checkpoint(s + 1)
         ctl.trainer.save_pretrained(final)
@@ -579,6 +590,9 @@ def run_stage(ctx) -> dict:
         ctx.console.print(f"prompts sampled: {groups:,} groups from {records:,} distinct records ({groups / max(records, 1):.1f} per record)")
         summary = {"steps": cfg.steps, "reward_mean": last.get("reward/total/mean"), "rollout_restarts": ctl.pool.restarts,
                    "prompts": {"groups": groups, "distinct_records": records}}
+        if curve is not None and curve.points:
+            ctx.console.print(curve_table(curve.points))
+            summary["heldout_curve"] = curve_summary(curve.points)
         return {**summary, "warnings": warnings} if warnings else summary
     finally:
         if ctl is not None:

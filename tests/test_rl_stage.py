@@ -128,7 +128,7 @@ def undocumented(metrics: list[dict]) -> list[str]:
                 continue
             parts = k.split("/")
             generic = {"reward": f"reward/<name>/{parts[-1]}", "acc": "acc/<task>", "answers": f"answers/{parts[1]}/<task>",
-                       "steps": f"steps/{parts[1]}/<task>"}.get(parts[0])
+                       "steps": f"steps/{parts[1]}/<task>", "heldout": "heldout/accuracy/<family>"}.get(parts[0])
             if generic is None or f"`{generic}`" not in text:
                 missing.add(k)
     return sorted(missing)

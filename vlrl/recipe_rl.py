@@ -137,6 +137,10 @@ class RlStage(_StageBase, TrainerPrecision, PixelBounds):
     ray: RaySpec = Field(default_factory=RaySpec)
     reference: Literal["auto", "on", "off"] = Field("auto", description="frozen reference model; auto = on when the KL term is enabled")
     checkpoint_every: int = Field(10, ge=1, description="steps between resumable checkpoints")
+    eval_every: int | None = Field(
+        None, ge=1, description="greedy held-out eval of the policy at step 0 and every N steps (curve.jsonl, heldout/* metrics); null = only the closing eval"
+    )
+    eval_limit: int | None = Field(None, ge=1, description="records of the eval split in each curve point (the same ones each time); default: the stage's eval limit")
     rollout_retries: int = Field(2, ge=0, description="times a step's rollout is retried after its worker died")
 
     @model_validator(mode="after")

@@ -123,6 +123,14 @@ def eval_spec_for(recipe: Recipe, name: str) -> EvalSpec | None:
     return spec.model_copy(update={"data": data})
 
 
+def eval_target(recipe: Recipe, name: str, base: Path) -> tuple[EvalSpec, Path] | None:
+    """The eval that closes a stage and the dataset folder it reads, or None."""
+    spec = eval_spec_for(recipe, name)
+    if spec is None:
+        return None
+    return spec, _resolve(recipe, spec.data, base)
+
+
 def is_complete(stage_dir: Path) -> bool:
     return (stage_dir / "DONE.json").is_file()
 
@@ -159,11 +167,11 @@ def run_stage(recipe: Recipe, name: str, *, console: Console | None = None, base
     console.rule(f"[bold]stage {name}[/] ({st.kind})")
     t0 = time.time()
     summary = impl(ctx) or {}
-    spec = eval_spec_for(recipe, name)
-    if spec is not None and "eval" not in summary:  # a stage may have run its own (merge compares its parts)
+    target = eval_target(recipe, name, base)
+    if target is not None and "eval" not in summary:  # a stage may have run its own (merge compares its parts)
         from vlrl.stages import eval_checkpoint
 
-        data_dir = _resolve(recipe, spec.data, base)
+        spec, data_dir = target
         summary["eval"] = eval_checkpoint(ctx, stage_output(recipe, name, base), data_dir, spec)
         start = getattr(st, "from_", None)
         if isinstance(start, str) and start in recipe.stages:

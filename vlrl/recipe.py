@@ -133,6 +133,9 @@ class Recipe(_Strict):
     seed: int = 0
     device: Literal["auto", "cpu", "cuda", "npu"] = "auto"
     threads: int | None = Field(None, ge=1, description="torch intra-op threads (default: all cores)")
+    parallel: int = Field(
+        1, ge=1, description="stages run at once, each in its own process, when their inputs are ready; the cores (and accelerators) are shared among them (vlrl/stage_pool.py)"
+    )
     tracking: TrackingSpec = Field(default_factory=TrackingSpec)
     eval: EvalSpec = Field(default_factory=EvalSpec)
     stages: dict[str, Stage]

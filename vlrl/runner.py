@@ -193,7 +193,8 @@ def run_recipe(recipe: Recipe, *, console: Console | None = None, force: list[st
     base = recipe.base_dir()
     base.mkdir(parents=True, exist_ok=True)
     (base / "recipe.resolved.json").write_text(recipe.model_dump_json(indent=2, by_alias=True))
-    results = []
+    results: dict[str, dict] = {}
+    to_run: list[str] = []
     for name in recipe.stages:
         if only and name not in only:
             continue
@@ -204,12 +205,19 @@ def run_recipe(recipe: Recipe, *, console: Console | None = None, force: list[st
             if done.get("fingerprint") != recipe.stage_fingerprint(name):
                 note = f" [yellow](its config changed since; rerun with --force {name})[/]"
             console.print(f"[dim]stage {name}: complete, skipped[/]{note}")
-            results.append(done)
+            results[name] = done
             continue
         if name in (force or []) and stage_dir.exists():
             # Keep the old output beside the new one rather than deleting work.
             moved = stage_dir.with_name(f"{name}.replaced-{int(time.time())}")
             stage_dir.rename(moved)
             console.print(f"[yellow]stage {name}: --force, previous output moved to {moved}[/]")
-        results.append(run_stage(recipe, name, console=console, base=base))
-    return results
+        to_run.append(name)
+    if recipe.parallel > 1 and len(to_run) > 1:
+        from vlrl.stage_pool import run_parallel
+
+        results.update(zip(to_run, run_parallel(recipe, to_run, base, console, recipe.parallel)))
+    else:
+        for name in to_run:
+            results[name] = run_stage(recipe, name, console=console, base=base)
+    return [results[n] for n in recipe.stages if n in results]

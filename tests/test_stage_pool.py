@@ -1,0 +1,127 @@
+"""`parallel: N` (vlrl/stage_pool.py): independent stages run at once in their own processes,
+with the results of a sequential run, a failing stage stops nothing already running, the
+cores are re-shared when a stage ends, and a killed runner takes its stages with it."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+from test_runner import ROOT, _write, micro_recipe
+from vlrl.errors import VlrlError
+from vlrl.recipe import load_recipe, validate_recipe
+from vlrl.runner import run_recipe
+from vlrl.stage_pool import APPLIED_NAME, device_share, stage_deps, thread_share
+
+
+def two_pretrains(run_dir: Path, parallel: int, steps_b: int = 4, threads: int = 1) -> dict:
+    raw = micro_recipe(run_dir)
+    raw.update(parallel=parallel, threads=threads, tracking={"tensorboard": False})
+    pre = raw["stages"]["pretrain"]
+    b = json.loads(json.dumps(pre))
+    b["phases"][2]["steps"] = steps_b
+    raw["stages"]["pretrain_b"] = {**b, "kind": "pretrain", "seed": 7}
+    return raw
+
+
+def _span(stage_dir: Path) -> tuple[float, float]:
+    done = json.loads((stage_dir / "DONE.json").read_text())
+    return done["finished"] - done["seconds"], done["finished"]
+
+
+def test_deps_of_the_tiny_recipe():
+    r = load_recipe(ROOT / "recipes" / "tiny.yaml")
+    assert stage_deps(r, "model") == []
+    assert stage_deps(r, "pretrain") == ["data", "arithmetic", "model"]  # a phase's data counts
+    assert stage_deps(r, "sft") == ["data", "reading", "pretrain"]
+    assert stage_deps(r, "merge") == ["data", "sft", "sft_lowres"]  # from a list, and its eval's data
+    assert stage_deps(r, "rl") == ["data", "rl_prompts", "sft"]
+    assert stage_deps(r, "reading") == ["data"]  # exclude
+
+
+def test_shares():
+    assert thread_share(2, 2, running=0, ready=1) == 2  # alone: every core
+    assert thread_share(2, 2, running=1, ready=3) == 1
+    assert thread_share(16, 4, running=0, ready=2) == 8
+    assert thread_share(1, 2, running=1, ready=1) == 1
+    assert device_share(8, 2, 1) == [4, 5, 6, 7]
+    assert device_share(1, 2, 0) is None  # fewer devices than slots: they share
+
+
+def test_parallel_run_equals_sequential_and_overlaps(tmp_path):
+    seq = run_recipe(validate_recipe(two_pretrains(tmp_path / "seq", parallel=1)))
+    par = run_recipe(validate_recipe(two_pretrains(tmp_path / "par", parallel=2)))
+    assert [d["stage"] for d in par] == [d["stage"] for d in seq] == ["data", "model", "pretrain", "pretrain_b"]
+    for stage in ("pretrain", "pretrain_b"):
+        a = load_file(str(tmp_path / "seq" / stage / "checkpoint" / "model.safetensors"))
+        b = load_file(str(tmp_path / "par" / stage / "checkpoint" / "model.safetensors"))
+        assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a), stage
+        assert json.loads((tmp_path / "seq" / stage / "eval.json").read_text())["accuracy"] == par[[d["stage"] for d in par].index(stage)]["summary"]["eval"]["accuracy"]
+    (a0, a1), (b0, b1) = _span(tmp_path / "par" / "pretrain"), _span(tmp_path / "par" / "pretrain_b")
+    assert a0 < b1 and b0 < a1  # they ran at the same time
+    (d0, d1), (m0, m1) = _span(tmp_path / "par" / "data"), _span(tmp_path / "par" / "model")
+    assert m0 < d1 and d0 < m1  # the model stage reads no data stage
+    assert (tmp_path / "par" / "pretrain" / "stage.log").read_text().count("pretrain") > 0
+
+
+def test_a_failing_stage_lets_the_running_one_finish(tmp_path):
+    raw = two_pretrains(tmp_path / "run", parallel=2, steps_b=30)
+    raw["stages"]["pretrain"]["phases"][0]["select"] = {"tasks": ["no_such_task"]}  # fails at its start
+    raw["stages"]["after"] = {"kind": "eval", "from": "pretrain_b", "data": "data", "limit": 4}
+    with pytest.raises(VlrlError) as err:
+        run_recipe(validate_recipe(raw))
+    msg = str(err.value)
+    assert "stage 'pretrain' failed" in msg and "pretrain/stage.log" in msg and "no_such_task" in msg
+    assert (tmp_path / "run" / "pretrain_b" / "DONE.json").is_file()  # kept running to the end
+    assert not (tmp_path / "run" / "after").exists()  # nothing new started
+
+
+def test_a_stage_left_alone_gets_the_cores(tmp_path):
+    raw = two_pretrains(tmp_path / "run", parallel=2, steps_b=150, threads=2)
+    run_recipe(validate_recipe(raw))
+    assert (tmp_path / "run" / "pretrain_b" / APPLIED_NAME).read_text() == "2"  # 1 while pretrain ran, then 2
+    assert not (tmp_path / "run" / "pretrain" / APPLIED_NAME).exists()  # the short one never changed
+
+
+def _children(marker: str) -> list[int]:
+    pids = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                cmd = (d / "cmdline").read_bytes().decode(errors="replace")
+            except OSError:
+                continue
+            if "vlrl.stage_child" in cmd and marker in cmd:
+                pids.append(int(d.name))
+    return pids
+
+
+@pytest.mark.timeout(600)
+def test_killing_the_runner_kills_its_stages_and_a_rerun_finishes(tmp_path):
+    recipe = _write(tmp_path, two_pretrains(tmp_path / "run", parallel=2, steps_b=200))
+    proc = subprocess.Popen([sys.executable, "-m", "vlrl.cli", "run", str(recipe)], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    state = tmp_path / "run" / "pretrain_b" / "state" / "trainer_state.json"
+    deadline = time.time() + 300
+    while not state.is_file() and time.time() < deadline:
+        time.sleep(0.05)
+    assert state.is_file(), "pretrain_b never checkpointed"
+    assert _children(str(tmp_path))
+    os.kill(proc.pid, signal.SIGKILL)  # the runner alone, as a scheduler or OOM killer would
+    proc.wait()
+    deadline = time.time() + 20
+    while _children(str(tmp_path)) and time.time() < deadline:
+        time.sleep(0.1)
+    assert _children(str(tmp_path)) == []
+    assert not (tmp_path / "run" / "pretrain_b" / "DONE.json").exists()
+    res = subprocess.run([sys.executable, "-m", "vlrl.cli", "run", str(recipe)], cwd=ROOT, capture_output=True, text=True)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-2000:]
+    assert "resuming" in res.stdout
+    assert (tmp_path / "run" / "pretrain_b" / "DONE.json").is_file()

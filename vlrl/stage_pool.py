@@ -1,0 +1,199 @@
+"""Runs a recipe's stages concurrently, each in its own process, when their inputs are ready.
+
+Why: a recipe has stages that do not depend on each other (an SFT run and its ablations;
+the RL stage and the ablation that trains while it runs; data stages), and a machine with
+more cores or accelerators than one stage uses well. On the tiny recipe's 2 cores, two
+one-thread SFT processes did 5.0 steps/s together where one two-thread process did 3.9
+(docs/recipes.md): the tiny model's matmuls are too small for intra-op threads to pay.
+
+With `parallel: N` the runner keeps up to N stages running. A stage starts once every stage
+it reads (`from`, `data`, a phase's `data`, `exclude`, and the data its closing eval reads)
+is complete, in recipe order among those ready. Each gets the cores divided by the number of
+stages running or ready when it starts (a stage alone gets them all), and on an accelerator
+machine an equal, disjoint share of the devices. A stage's output goes to `<stage>/stage.log`
+and is printed as one block when it ends, so logs never interleave.
+
+Nothing done is lost when something fails: a failing stage stops new starts, the running
+ones finish (and write DONE.json), then the error names the stage and shows its log's end.
+A child dies with the runner (PR_SET_PDEATHSIG), so a killed `vlrl run` leaves no stage
+running on its own and the rerun resumes every interrupted stage from its checkpoint.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from rich.console import Console
+
+from vlrl.errors import VlrlError
+from vlrl.recipe import Recipe
+
+LOG_NAME = "stage.log"
+LAUNCH_NAME = "launch.json"
+THREADS_NAME = "threads"  # the stage's current share, rewritten when stages start or end
+READY_NAME = "threads.ready"  # the child listens for SIGUSR1 (re-read THREADS_NAME) once this exists
+APPLIED_NAME = "threads.applied"  # what the child last set, written by the child
+
+
+def stage_deps(recipe: Recipe, name: str) -> list[str]:
+    """The recipe's stages this stage reads, in recipe order."""
+    from vlrl.runner import _extra_refs, eval_spec_for
+
+    st = recipe.stages[name]
+    refs: list[str] = []
+    refs += [getattr(st, "from_", None), *(getattr(st, "parts", None) or [])]  # merge keeps its `from` list as parts
+    refs += [getattr(st, "data", None)] + [ref for _, ref in _extra_refs(st)]
+    spec = eval_spec_for(recipe, name)
+    if spec is not None:
+        refs.append(spec.data)
+    wanted = {r for r in refs if isinstance(r, str) and r in recipe.stages and r != name}
+    return [n for n in recipe.stages if n in wanted]
+
+
+def thread_share(cores: int, parallel: int, running: int, ready: int) -> int:
+    """Threads for a stage starting now: the cores split among the stages that will run at once."""
+    at_once = max(1, min(parallel, running + ready))
+    return max(1, cores // at_once)
+
+
+def device_share(count: int, parallel: int, slot: int) -> list[int] | None:
+    """Accelerator indices of a slot: disjoint equal shares when there are enough devices,
+    else None (every stage sees every device and they share)."""
+    if count < parallel or parallel <= 1:
+        return None
+    per = count // parallel
+    return list(range(slot * per, (slot + 1) * per))
+
+
+def _die_with_parent() -> None:  # runs in the child between fork and exec
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass  # not Linux: a killed runner may leave the stage to finish on its own
+
+
+@dataclass
+class _Running:
+    name: str
+    proc: subprocess.Popen
+    slot: int
+    threads: int
+    log: Path
+    started: float
+
+
+def _write_threads(stage_dir: Path, threads: int) -> None:
+    tmp = stage_dir / (THREADS_NAME + ".tmp")
+    tmp.write_text(str(threads))
+    os.replace(tmp, stage_dir / THREADS_NAME)
+
+
+def _tail(path: Path, lines: int = 15) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
+def run_parallel(recipe: Recipe, names: list[str], base: Path, console: Console, parallel: int) -> list[dict]:
+    """Run `names` (stages that need running, in recipe order); stages not in it must be complete."""
+    from vlrl.device import resolve_device
+    from vlrl.runner import is_complete
+
+    device = resolve_device(recipe.device)
+    cores = recipe.threads or os.cpu_count() or 1
+    deps = {n: stage_deps(recipe, n) for n in names}
+    for n in names:
+        missing = [d for d in deps[n] if d not in names and not is_complete(base / d) and not getattr(recipe.stages[d], "path", None)]
+        if missing:
+            raise VlrlError(f"stage {n!r} needs stage {missing[0]!r}, which is not complete and not part of this run")
+    pending, running, done, failed = list(names), [], {}, None
+    free_slots = list(range(parallel))
+
+    def ready() -> list[str]:
+        return [n for n in pending if all(d in done or (d not in names) for d in deps[n])]
+
+    def start(name: str) -> None:
+        slot = free_slots.pop(0)
+        threads = thread_share(cores, parallel, len(running), len(ready()))
+        stage_dir = base / name
+        stage_dir.mkdir(parents=True, exist_ok=True)
+        launch = stage_dir / LAUNCH_NAME
+        launch.write_text(recipe.model_copy(update={"threads": threads}).model_dump_json(by_alias=True))
+        env = dict(os.environ)
+        share = device_share(device.count, parallel, slot) if device.kind != "cpu" else None
+        if share is not None and device.visible_env:
+            visible = [v for v in env.get(device.visible_env, "").split(",") if v] or [str(i) for i in range(device.count)]
+            env[device.visible_env] = ",".join(visible[i] for i in share)
+        _write_threads(stage_dir, threads)
+        (stage_dir / READY_NAME).unlink(missing_ok=True)
+        log = stage_dir / LOG_NAME
+        with log.open("a") as fh:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "vlrl.stage_child", str(launch), name, str(base)],
+                stdout=fh, stderr=subprocess.STDOUT, env=env, preexec_fn=_die_with_parent,
+            )
+        pending.remove(name)
+        running.append(_Running(name, proc, slot, threads, log, time.time()))
+        where = f", devices {env[device.visible_env]}" if share is not None and device.visible_env else ""
+        console.print(f"[bold]stage {name}[/] ({recipe.stages[name].kind}) started: {threads} thread(s){where}", highlight=False)
+
+    def rebalance() -> None:
+        """Every running stage gets an equal share of the cores (a stage left alone gets them all)."""
+        for r in running:
+            share = max(1, cores // len(running))
+            if share != r.threads:
+                r.threads = share
+                _write_threads(base / r.name, share)
+                if (base / r.name / READY_NAME).exists():
+                    r.proc.send_signal(signal.SIGUSR1)
+
+    try:
+        while pending or running:
+            started = False
+            while failed is None and free_slots and (todo := ready()):
+                start(todo[0])
+                started = True
+            if started:
+                rebalance()
+            if not running:
+                break  # nothing can start: a dependency failed
+            time.sleep(0.2)
+            ended = [r for r in running if r.proc.poll() is not None]
+            for r in ended:
+                running.remove(r)
+                free_slots.append(r.slot)
+                free_slots.sort()
+                secs = time.time() - r.started
+                console.out(r.log.read_text(errors="replace").rstrip("\n"), highlight=False)
+                verdict = "done" if r.proc.returncode == 0 else f"[red]FAILED[/] (exit {r.proc.returncode})"
+                console.print(f"[bold]stage {r.name}[/]: {verdict} in {secs:.0f} s (ended with {r.threads} thread(s)); log {r.log}", highlight=False)
+                if r.proc.returncode == 0 and is_complete(base / r.name):
+                    done[r.name] = json.loads((base / r.name / "DONE.json").read_text())
+                elif failed is None:
+                    failed = (r.name, r.proc.returncode, r.log)
+                    if running:
+                        console.print(f"[yellow]stage {r.name} failed; waiting for {', '.join(x.name for x in running)} to finish, starting nothing new[/]")
+            if ended and running and (failed is not None or not ready()):
+                rebalance()
+    except BaseException:
+        for r in running:
+            r.proc.terminate()
+        for r in running:
+            try:
+                r.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                r.proc.kill()
+        raise
+    if failed is not None:
+        name, rc, log = failed
+        raise VlrlError(f"stage {name!r} failed (exit {rc}); its log: {log}; last lines:\n{_tail(log)}")
+    return [done[n] for n in names]

@@ -73,3 +73,23 @@ def test_report_command_writes_the_file_and_rejects_a_missing_folder(tmp_path):
 def test_report_of_an_empty_run_says_so(tmp_path):
     (tmp_path / "empty").mkdir()
     assert "no stage output yet" in build_report(tmp_path / "empty")
+
+
+def test_report_draws_the_heldout_curve_of_an_rl_stage(tmp_path):
+    from rlhf.heldout import CurvePoint
+
+    run = make_run(tmp_path)
+    points = [
+        CurvePoint(step=s, n=500, accuracy=a, by_family={"perception": a - 0.01, "reasoning": a + 0.01}, families={}, seconds=1.0)
+        for s, a in ((0, 0.193), (50, 0.201), (100, 0.188))
+    ]
+    (run / "rl" / "curve.jsonl").write_text("".join(p.to_json() + "\n" for p in points) + '{"step": 150, "acc')  # torn last line
+    html = build_report(run)
+    section = html[html.index("Held-out curve"):]
+    assert "the same 500 records" in section
+    p = _Collect()
+    p.feed(section[: section.index("</table>")])
+    assert [t for t, _ in p.tags].count("svg") == 1
+    rows = re.findall(r"<tr><td class='l'>(\d+)</td><td>([\d.]+)</td><td>([\d.]+)</td><td>([\d.]+)</td></tr>", section)
+    assert rows == [("0", "0.183", "0.203", "0.193"), ("50", "0.191", "0.211", "0.201"), ("100", "0.178", "0.198", "0.188")]
+    assert "Held-out curve" not in html[: html.index("id='stage-rl'")]  # the sft stage has none

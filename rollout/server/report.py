@@ -2,7 +2,8 @@
 
 Per stage (recipe order): what DONE.json says, a small-multiples grid of every numeric
 metric in metrics.jsonl (inline SVG, one chart per metric), the rollout store's per-step
-reward, component and length curves, and the eval tables (overall, by family, by task,
+reward, component and length curves, an RL stage's held-out curve (one chart, a line per
+family), and the eval tables (overall, by family, by task,
 family x difficulty). Then every ablation table found (`ablation*.json` in the run folder
 or a stage folder: `{"title", "columns", "rows": [{...}]}` or a bare list of row objects).
 
@@ -94,10 +95,28 @@ def stage_section(run: RunDir, name: str, kind: str | None) -> str:
             out.append(line_chart([(k.split("/")[-1], *c[k]) for k in comps], title="component means"))
         out.append(line_chart([("length", *c["rollouts/length_mean"])], title="response length (tokens)"))
         out.append("</div>")
+    points = run.heldout_curve(name)
+    if points:
+        out.append(heldout_section(points))
     ev = run.eval(name)
     if isinstance(ev, dict):
         out.append("<h3>Eval</h3>" + eval_tables(ev))
     return "".join(out)
+
+
+def heldout_section(points: list[dict]) -> str:
+    """The RL stage's greedy held-out curve: one line per family and one for all, and the numbers."""
+    families = sorted({f for p in points for f in p["by_family"]})
+    steps = [float(p["step"]) for p in points]
+    series = [(f, steps, [p["by_family"].get(f) for p in points]) for f in families]
+    series.append(("all", steps, [p.get("accuracy") for p in points]))
+    n = points[-1].get("n", "?")
+    rows = [[p["step"], *[p["by_family"].get(f) for f in families], p.get("accuracy")] for p in points]
+    return (
+        f"<h3>Held-out curve (greedy, the same {_e(n)} records at every point; curve.jsonl)</h3>"
+        + line_chart(series, title="held-out accuracy")
+        + _table(["step", *families, "all"], rows)
+    )
 
 
 def build_report(run_dir: str | Path) -> str:

@@ -110,6 +110,18 @@ class RunDir:
     def done(self, stage: str) -> dict | None:
         return _read_json(self.stage_dir(stage) / "DONE.json")
 
+    def heldout_curve(self, stage: str) -> list[dict]:
+        """The RL stage's held-out curve (curve.jsonl: one point per line); a line cut by a
+        crash ends it."""
+        path = self.stage_dir(stage) / "curve.jsonl"
+        points = []
+        for line in (path.read_text().splitlines() if path.is_file() else []):
+            try:
+                points.append(json.loads(line))
+            except json.JSONDecodeError:
+                break
+        return [p for p in points if isinstance(p, dict) and isinstance(p.get("step"), int) and isinstance(p.get("by_family"), dict)]
+
     def checkpoint(self, stage: str) -> Path:
         path = self.stage_dir(stage) / "checkpoint"
         if not (path / "config.json").is_file():

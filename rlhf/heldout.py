@@ -148,7 +148,7 @@ def curve_table(points: list[CurvePoint]) -> Any:
     from rich.table import Table
 
     families = sorted({f for p in points for f in p.by_family})
-    table = Table(title=f"held-out greedy accuracy % during RL ({points[0].n} records)" if points else "held-out curve")
+    table = Table(title=f"held-out greedy % ({points[0].n} records)" if points else "held-out curve")
     table.add_column("step", justify="right")
     for f in families:
         table.add_column(f, justify="right")

@@ -4,7 +4,8 @@ Why: a recipe has stages that do not depend on each other (an SFT run and its ab
 the RL stage and the ablation that trains while it runs; data stages), and a machine with
 more cores or accelerators than one stage uses well. On the tiny recipe's 2 cores, two
 one-thread SFT processes did 5.0 steps/s together where one two-thread process did 3.9
-(docs/recipes.md): the tiny model's matmuls are too small for intra-op threads to pay.
+(bench/bench_parallel_stages.py measures it): the tiny model's matmuls are too small for
+intra-op threads to pay.
 
 With `parallel: N` the runner keeps up to N stages running. A stage starts once every stage
 it reads (`from`, `data`, a phase's `data`, `exclude`, and the data its closing eval reads)

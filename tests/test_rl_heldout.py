@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from rlhf.heldout import CURVE_FILE, CurvePoint, due_steps, read_curve
-from test_rl_stage import _Killed, _run, build_micro_start, rl_recipe, undocumented
+from test_rl_stage import _run, build_micro_start, rl_recipe, run_until_crash, undocumented
 from vlrl.data.io import split_path
 from vlrl.errors import RecipeError
 from vlrl.eval import evaluate
@@ -84,23 +84,12 @@ def test_resume_keeps_the_points_up_to_its_checkpoint(start, tmp_path, monkeypat
     data, ckpt = start
     ref = _run(_with_curve(tmp_path / "ref", data, ckpt, steps=4, eval_every=1))
     raw = _with_curve(tmp_path / "killed", data, ckpt, steps=4, eval_every=1)
-    real_step = stage_mod.Controller.step
-
-    def dying_step(self, s):
-        if s == 3:
-            raise _Killed()
-        return real_step(self, s)
-
-    monkeypatch.setattr(stage_mod.Controller, "step", dying_step)
-    with pytest.raises(_Killed):
-        _run(raw)
-    killed = Path(raw["run_dir"]) / "rl"
+    killed = run_until_crash(monkeypatch, raw)
     assert [p.step for p in read_curve(killed)] == [0, 1, 2, 3]  # the checkpoint is at step 2
 
     taken = []
     real_take = stage_mod.HeldoutCurve.take
     monkeypatch.setattr(stage_mod.HeldoutCurve, "take", lambda self, step, *a: taken.append(step) or real_take(self, step, *a))
-    monkeypatch.setattr(stage_mod.Controller, "step", real_step)
     _run(raw)
     assert taken == [3, 4]  # 0-2 kept, 3 replayed with its step
     assert _curve(killed) == _curve(ref)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from rollout.store import RolloutStore
-from test_rl_stage import _run, _weights, build_micro_start, rl_recipe
+from test_rl_stage import _run, _weights, build_micro_start, rl_recipe, run_until_crash
 from vlrl.tracking import read_metrics
 
 import pytest
@@ -72,10 +72,6 @@ def undocumented_hybrid(metrics):
     return undocumented(named)
 
 
-class _Killed(Exception):
-    pass
-
-
 ALL_ON = dict(
     algo={"perception_anchor": {"kl_coef": 0.2}, "visual": {"coef": 0.5, "correct_only": False, "min_entropy": 0.01}},
     reward_terms={"diversity": {"weight": 0.1}, "conciseness": {"weight": 0.1}},
@@ -86,22 +82,10 @@ ALL_ON = dict(
 def test_resume_with_every_term_on_replays_exactly(start, tmp_path, monkeypatch):
     """Modes, anchor rows and the visual bonus are pure in (seed, step, prompt number):
     a run killed after its step-2 checkpoint ends bitwise equal to an uninterrupted one."""
-    from rlhf import stage as stage_mod
-
     data, ckpt = start
     ref = _run(rl_recipe(tmp_path / "ref", data, ckpt, steps=4, **BASE, **ALL_ON))
     raw = rl_recipe(tmp_path / "killed", data, ckpt, steps=4, **BASE, **ALL_ON)
-    real_step = stage_mod.Controller.step
-
-    def dying_step(self, s):
-        if s == 3:
-            raise _Killed()
-        return real_step(self, s)
-
-    monkeypatch.setattr(stage_mod.Controller, "step", dying_step)
-    with pytest.raises(_Killed):
-        _run(raw)
-    monkeypatch.setattr(stage_mod.Controller, "step", real_step)
+    run_until_crash(monkeypatch, raw)
     killed = _run(raw)
     a, b = _weights(ref / "checkpoint"), _weights(killed / "checkpoint")
     assert all(torch.equal(a[k], b[k]) for k in a)

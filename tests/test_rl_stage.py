@@ -154,33 +154,39 @@ class _Killed(Exception):
     pass
 
 
-@pytest.mark.parametrize("bounds", [{}, {"max_pixels": 4 * 28 * 28}], ids=["own-pixels", "max_pixels"])
-def test_resume_after_a_crash_replays_exactly(start, tmp_path, monkeypatch, bounds):
-    """A stage that dies in step 3 resumes from its step-2 checkpoint; the result equals an
-    uninterrupted run bit for bit (weights, store rows) — with the stage's own image bounds too."""
+def run_until_crash(monkeypatch, raw: dict, at: int = 3) -> Path:
+    """Run the stage of `raw` until it dies at the start of step `at` (after the checkpoint
+    before it); -> the stage folder, with the real step back in place for the rerun."""
     from rlhf import stage as stage_mod
 
-    data, ckpt = start
-    ref = _run(rl_recipe(tmp_path / "ref", data, ckpt, steps=4, **bounds))
-
-    raw = rl_recipe(tmp_path / "killed", data, ckpt, steps=4, **bounds)
     real_step = stage_mod.Controller.step
 
     def dying_step(self, s):
-        if s == 3:
+        if s == at:
             raise _Killed()
         return real_step(self, s)
 
     monkeypatch.setattr(stage_mod.Controller, "step", dying_step)
     with pytest.raises(_Killed):
         _run(raw)
-    killed = Path(raw["run_dir"]) / "rl"
+    monkeypatch.setattr(stage_mod.Controller, "step", real_step)
+    return Path(raw["run_dir"]) / "rl"
+
+
+@pytest.mark.parametrize("bounds", [{}, {"max_pixels": 4 * 28 * 28}], ids=["own-pixels", "max_pixels"])
+def test_resume_after_a_crash_replays_exactly(start, tmp_path, monkeypatch, bounds):
+    """A stage that dies in step 3 resumes from its step-2 checkpoint; the result equals an
+    uninterrupted run bit for bit (weights, store rows) — with the stage's own image bounds too."""
+    data, ckpt = start
+    ref = _run(rl_recipe(tmp_path / "ref", data, ckpt, steps=4, **bounds))
+
+    raw = rl_recipe(tmp_path / "killed", data, ckpt, steps=4, **bounds)
+    killed = run_until_crash(monkeypatch, raw)
     state = json.loads((killed / "state" / "rl_state.json").read_text())
     assert state["step"] == 2 and not state["complete"]
     with RolloutStore(killed / "rollouts.sqlite", readonly=True) as store:
         assert store.steps() == [0, 1, 2]  # step 2 ran after the checkpoint; its rows are replayed
 
-    monkeypatch.setattr(stage_mod.Controller, "step", real_step)
     _run(raw)
     a, b = _weights(ref / "checkpoint"), _weights(killed / "checkpoint")
     assert all(torch.equal(a[k], b[k]) for k in a)

@@ -72,6 +72,15 @@ def test_parallel_run_equals_sequential_and_overlaps(tmp_path):
     assert (tmp_path / "par" / "pretrain" / "stage.log").read_text().count("pretrain") > 0
 
 
+def test_stages_import_the_runners_vlrl_whatever_the_working_directory_holds(tmp_path, monkeypatch):
+    decoy = tmp_path / "elsewhere" / "vlrl"
+    decoy.mkdir(parents=True)
+    (decoy / "__init__.py").write_text("raise ImportError('the vlrl of the working directory was imported')\n")
+    monkeypatch.chdir(decoy.parent)
+    done = run_recipe(validate_recipe(two_pretrains(tmp_path / "run", parallel=2)))
+    assert [d["stage"] for d in done] == ["data", "model", "pretrain", "pretrain_b"]
+
+
 def test_a_failing_stage_lets_the_running_one_finish(tmp_path):
     raw = two_pretrains(tmp_path / "run", parallel=2, steps_b=30)
     raw["stages"]["pretrain"]["phases"][0]["select"] = {"tasks": ["no_such_task"]}  # fails at its start

@@ -1,4 +1,4 @@
-"""One stage in its own process, started by vlrl/stage_pool.py: `python -m vlrl.stage_child LAUNCH_JSON NAME BASE`.
+"""One stage in its own process, started by vlrl/stage_pool.py (`main(LAUNCH_JSON, NAME, BASE)`).
 
 The pool rewrites `<stage>/threads` when stages start or end and sends SIGUSR1; the
 handler applies the new share to torch's intra-op threads. Python runs signal handlers in

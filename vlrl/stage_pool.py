@@ -34,6 +34,7 @@ from pathlib import Path
 
 from rich.console import Console
 
+import vlrl
 from vlrl.errors import VlrlError
 from vlrl.recipe import Recipe
 
@@ -42,6 +43,9 @@ LAUNCH_NAME = "launch.json"
 THREADS_NAME = "threads"  # the stage's current share, rewritten when stages start or end
 READY_NAME = "threads.ready"  # the child listens for SIGUSR1 (re-read THREADS_NAME) once this exists
 APPLIED_NAME = "threads.applied"  # what the child last set, written by the child
+# The child imports this very vlrl, whatever the working directory holds (`python -m` would
+# put the working directory first, and a checkout there would be imported instead).
+CHILD_CODE = "import sys; sys.path.insert(0, {root!r}); from vlrl.stage_child import main; sys.exit(main(sys.argv[1:]))"
 
 
 def stage_deps(recipe: Recipe, name: str) -> list[str]:
@@ -139,7 +143,7 @@ def run_parallel(recipe: Recipe, names: list[str], base: Path, console: Console,
         log = stage_dir / LOG_NAME
         with log.open("a") as fh:
             proc = subprocess.Popen(
-                [sys.executable, "-m", "vlrl.stage_child", str(launch), name, str(base)],
+                [sys.executable, "-c", CHILD_CODE.format(root=str(Path(vlrl.__file__).resolve().parents[1])), str(launch), name, str(base)],
                 stdout=fh, stderr=subprocess.STDOUT, env=env, preexec_fn=_die_with_parent,
             )
         pending.remove(name)

@@ -19,7 +19,7 @@ from test_runner import ROOT, _write, micro_recipe
 from vlrl.errors import VlrlError
 from vlrl.recipe import load_recipe, validate_recipe
 from vlrl.runner import run_recipe
-from vlrl.stage_pool import APPLIED_NAME, device_share, stage_deps, thread_share
+from vlrl.stage_pool import APPLIED_NAME, device_share, slots_for, stage_deps, thread_share
 
 
 def two_pretrains(run_dir: Path, parallel: int, steps_b: int = 4, threads: int = 1) -> dict:
@@ -52,6 +52,8 @@ def test_shares():
     assert thread_share(2, 2, running=1, ready=3) == 1
     assert thread_share(16, 4, running=0, ready=2) == 8
     assert thread_share(1, 2, running=1, ready=1) == 1
+    assert slots_for("cpu", 1, 3) == 3 and slots_for("cuda", 8, 2) == 2
+    assert slots_for("cuda", 1, 2) == 1 and slots_for("npu", 3, 4) == 3  # never two stages on one device
     assert device_share(8, 2, 1) == [4, 5, 6, 7]
     assert device_share(1, 2, 0) is None  # fewer devices than slots: they share
 

@@ -11,7 +11,7 @@ With `parallel: N` the runner keeps up to N stages running. A stage starts once 
 it reads (`from`, `data`, a phase's `data`, `exclude`, and the data its closing eval reads)
 is complete, in recipe order among those ready. Each gets the cores divided by the number of
 stages running or ready when it starts (a stage alone gets them all), and on an accelerator
-machine an equal, disjoint share of the devices. A stage's output goes to `<stage>/stage.log`
+machine an equal, disjoint share of the devices (so there, at most one stage per device). A stage's output goes to `<stage>/stage.log`
 and is printed as one block when it ends, so logs never interleave.
 
 Nothing done is lost when something fails: a failing stage stops new starts, the running
@@ -69,6 +69,12 @@ def thread_share(cores: int, parallel: int, running: int, ready: int) -> int:
     return max(1, cores // at_once)
 
 
+def slots_for(kind: str, count: int, parallel: int) -> int:
+    """Stages at once: `parallel` on CPU; on accelerators at most one per device, since two
+    stages on one device contend for its memory (a vLLM engine takes most of it)."""
+    return parallel if kind == "cpu" else max(1, min(parallel, count))
+
+
 def device_share(count: int, parallel: int, slot: int) -> list[int] | None:
     """Accelerator indices of a slot: disjoint equal shares when there are enough devices,
     else None (every stage sees every device and they share)."""
@@ -115,6 +121,9 @@ def run_parallel(recipe: Recipe, names: list[str], base: Path, console: Console,
 
     device = resolve_device(recipe.device)
     cores = recipe.threads or os.cpu_count() or 1
+    wanted, parallel = parallel, slots_for(device.kind, device.count, parallel)
+    if parallel < wanted:
+        console.print(f"[yellow]parallel: {wanted} on {device.count} {device.kind} device(s): {parallel} stage(s) at a time, one per device[/]")
     deps = {n: stage_deps(recipe, n) for n in names}
     for n in names:
         missing = [d for d in deps[n] if d not in names and not is_complete(base / d) and not getattr(recipe.stages[d], "path", None)]

@@ -4,6 +4,7 @@ cores are re-shared when a stage ends, and a killed runner takes its stages with
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import signal
@@ -13,13 +14,14 @@ import time
 from pathlib import Path
 
 import pytest
+from rich.console import Console
 from safetensors.torch import load_file
 
 from test_runner import ROOT, _write, micro_recipe
 from vlrl.errors import VlrlError
 from vlrl.recipe import load_recipe, validate_recipe
 from vlrl.runner import run_recipe
-from vlrl.stage_pool import APPLIED_NAME, device_share, slots_for, stage_deps, thread_share
+from vlrl.stage_pool import APPLIED_NAME, _last_step, device_share, slots_for, stage_deps, thread_share
 
 
 def two_pretrains(run_dir: Path, parallel: int, steps_b: int = 4, threads: int = 1) -> dict:
@@ -58,9 +60,19 @@ def test_shares():
     assert device_share(1, 2, 0) is None  # fewer devices than slots: they share
 
 
+def test_last_step_reads_the_end_of_the_metrics(tmp_path):
+    assert _last_step(tmp_path) is None
+    rows = [{"step": s, "train/loss": 1.0, "pad": "x" * 300} for s in range(1, 40)] + [{"step": 0, "eval/accuracy": 0.5}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"step": 40, "tra')
+    assert _last_step(tmp_path) == 39  # past the eval's step-0 row and the torn line
+
+
 def test_parallel_run_equals_sequential_and_overlaps(tmp_path):
     seq = run_recipe(validate_recipe(two_pretrains(tmp_path / "seq", parallel=1)))
-    par = run_recipe(validate_recipe(two_pretrains(tmp_path / "par", parallel=2)))
+    out = io.StringIO()
+    par = run_recipe(validate_recipe(two_pretrains(tmp_path / "par", parallel=2)), console=Console(file=out, force_terminal=True, width=160))
+    table = out.getvalue()[out.getvalue().index("stages run at once"):]
+    assert all(name in table for name in ("data", "model", "pretrain", "pretrain_b"))
     assert [d["stage"] for d in par] == [d["stage"] for d in seq] == ["data", "model", "pretrain", "pretrain_b"]
     for stage in ("pretrain", "pretrain_b"):
         a = load_file(str(tmp_path / "seq" / stage / "checkpoint" / "model.safetensors"))

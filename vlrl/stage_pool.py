@@ -29,10 +29,14 @@ import signal
 import subprocess
 import sys
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
 from rich.console import Console
+from rich.live import Live
+from rich.table import Table
+from rich.text import Text
 
 import vlrl
 from vlrl.errors import VlrlError
@@ -107,6 +111,29 @@ def _write_threads(stage_dir: Path, threads: int) -> None:
     os.replace(tmp, stage_dir / THREADS_NAME)
 
 
+def _clock(seconds: float) -> str:
+    return f"{int(seconds) // 60}:{int(seconds) % 60:02d}"
+
+
+def _last_step(stage_dir: Path) -> int | None:
+    """The step of the last whole line of the stage's metrics.jsonl (read from its end)."""
+    path = stage_dir / "metrics.jsonl"
+    try:
+        with path.open("rb") as fh:
+            fh.seek(max(0, path.stat().st_size - 4096))
+            lines = fh.read().decode(errors="replace").splitlines()
+    except OSError:
+        return None
+    for line in reversed(lines):
+        try:
+            step = json.loads(line).get("step")
+        except (ValueError, AttributeError):
+            continue
+        if isinstance(step, int) and step > 0:
+            return step
+    return None
+
+
 def _tail(path: Path, lines: int = 15) -> str:
     try:
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
@@ -170,34 +197,45 @@ def run_parallel(recipe: Recipe, names: list[str], base: Path, console: Console,
                 if (base / r.name / READY_NAME).exists():
                     r.proc.send_signal(signal.SIGUSR1)
 
+    finished: list[tuple[str, float, int, str]] = []  # name, seconds, threads at the end, verdict
+
+    def status() -> Text:
+        """One line per running stage: how long, on how many threads, how far (its metrics' last step)."""
+        lines = [f"{r.name}: {_clock(time.time() - r.started)}, {r.threads} thread(s)" + (f", step {s}" if (s := _last_step(base / r.name)) else "") for r in running]
+        waiting = f"; waiting: {', '.join(pending)}" if pending else ""
+        return Text("running " + " | ".join(lines) + waiting if lines else "", style="dim")
+
+    live = Live(get_renderable=status, console=console, transient=True, refresh_per_second=1) if console.is_terminal else nullcontext()
     try:
-        while pending or running:
-            started = False
-            while failed is None and free_slots and (todo := ready()):
-                start(todo[0])
-                started = True
-            if started:
-                rebalance()
-            if not running:
-                break  # nothing can start: a dependency failed
-            time.sleep(0.2)
-            ended = [r for r in running if r.proc.poll() is not None]
-            for r in ended:
-                running.remove(r)
-                free_slots.append(r.slot)
-                free_slots.sort()
-                secs = time.time() - r.started
-                console.out(r.log.read_text(errors="replace").rstrip("\n"), highlight=False)
-                verdict = "done" if r.proc.returncode == 0 else f"[red]FAILED[/] (exit {r.proc.returncode})"
-                console.print(f"[bold]stage {r.name}[/]: {verdict} in {secs:.0f} s (ended with {r.threads} thread(s)); log {r.log}", highlight=False)
-                if r.proc.returncode == 0 and is_complete(base / r.name):
-                    done[r.name] = json.loads((base / r.name / "DONE.json").read_text())
-                elif failed is None:
-                    failed = (r.name, r.proc.returncode, r.log)
-                    if running:
-                        console.print(f"[yellow]stage {r.name} failed; waiting for {', '.join(x.name for x in running)} to finish, starting nothing new[/]")
-            if ended and running and (failed is not None or not ready()):
-                rebalance()
+        with live:
+            while pending or running:
+                started = False
+                while failed is None and free_slots and (todo := ready()):
+                    start(todo[0])
+                    started = True
+                if started:
+                    rebalance()
+                if not running:
+                    break  # nothing can start: a dependency failed
+                time.sleep(0.2)
+                ended = [r for r in running if r.proc.poll() is not None]
+                for r in ended:
+                    running.remove(r)
+                    free_slots.append(r.slot)
+                    free_slots.sort()
+                    secs = time.time() - r.started
+                    console.out(r.log.read_text(errors="replace").rstrip("\n"), highlight=False)
+                    verdict = "done" if r.proc.returncode == 0 else f"[red]FAILED[/] (exit {r.proc.returncode})"
+                    finished.append((r.name, secs, r.threads, "done" if r.proc.returncode == 0 else f"failed ({r.proc.returncode})"))
+                    console.print(f"[bold]stage {r.name}[/]: {verdict} in {secs:.0f} s (ended with {r.threads} thread(s)); log {r.log}", highlight=False)
+                    if r.proc.returncode == 0 and is_complete(base / r.name):
+                        done[r.name] = json.loads((base / r.name / "DONE.json").read_text())
+                    elif failed is None:
+                        failed = (r.name, r.proc.returncode, r.log)
+                        if running:
+                            console.print(f"[yellow]stage {r.name} failed; waiting for {', '.join(x.name for x in running)} to finish, starting nothing new[/]")
+                if ended and running and (failed is not None or not ready()):
+                    rebalance()
     except BaseException:
         for r in running:
             r.proc.terminate()
@@ -207,6 +245,13 @@ def run_parallel(recipe: Recipe, names: list[str], base: Path, console: Console,
             except subprocess.TimeoutExpired:
                 r.proc.kill()
         raise
+    if len(finished) > 1:
+        table = Table(title="stages run at once")
+        for col in ("stage", "seconds", "threads at the end", ""):
+            table.add_column(col, justify="left" if col in ("stage", "") else "right")
+        for name, secs, threads, verdict in finished:
+            table.add_row(name, f"{secs:.0f}", str(threads), verdict)
+        console.print(table)
     if failed is not None:
         name, rc, log = failed
         raise VlrlError(f"stage {name!r} failed (exit {rc}); its log: {log}; last lines:\n{_tail(log)}")

@@ -111,3 +111,26 @@ def test_page_filters_opens_group_and_shows_image_and_components(tmp_path, brows
         page.click("button.tab[data-tab='curves']")
         page.wait_for_function("[...document.querySelectorAll('#plots img')].length >= 3 && [...document.querySelectorAll('#plots img')].every(i => i.complete && i.naturalWidth > 0)")
         assert not errors, errors
+
+
+def test_curves_tab_draws_the_heldout_curve(tmp_path, browser):
+    import json
+
+    run = write_demo_run(tmp_path / "run", steps=3, groups=2, group_size=2)
+    with (run / "rl" / "metrics.jsonl").open("a") as fh:
+        for step, acc in ((0, 0.18), (2, 0.21)):
+            fh.write(json.dumps({"step": step, "heldout/accuracy": acc, "heldout/accuracy/reasoning": acc - 0.01}) + "\n")
+    with running(create_app(run)) as url:
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        errors = []
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        page.goto(url + "/")
+        page.wait_for_selector("body[data-ready='1']", timeout=10_000)
+        page.click("button.tab[data-tab='curves']")
+        held = "#plots img[alt='held-out accuracy (greedy)']"
+        page.wait_for_function(f"(i => i && i.complete && i.naturalWidth > 0)(document.querySelector(\"{held}\"))")
+        src = page.locator(held).get_attribute("src")
+        assert "key=heldout%2Faccuracy" in src and "key=heldout%2Faccuracy%2Freasoning" in src
+        other = page.locator("#plots img[alt='accuracy (metrics.jsonl)']")
+        assert other.count() == 0 or "heldout" not in other.get_attribute("src")
+        assert not errors, errors

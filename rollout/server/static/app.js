@@ -280,7 +280,10 @@ function plotSets() {
     sets.push({ title: "response length (tokens)", keys: ["rollouts/length_mean"] });
   }
   const metricKeys = [...$("#metric-keys").options].map((o) => o.value);
-  const acc = metricKeys.filter((k) => /acc/.test(k));
+  // the RL stage's greedy held-out curve (eval_every), apart from the rollouts' accuracy
+  const held = metricKeys.filter((k) => k.startsWith("heldout/"));
+  if (held.length) sets.push({ title: "held-out accuracy (greedy)", keys: held.slice(0, 8) });
+  const acc = metricKeys.filter((k) => /acc/.test(k) && !held.includes(k));
   if (acc.length) sets.push({ title: "accuracy (metrics.jsonl)", keys: acc.slice(0, 8) });
   const rew = metricKeys.filter((k) => /reward.*mean/.test(k) && !acc.includes(k));
   if (rew.length) sets.push({ title: "reward (metrics.jsonl)", keys: rew.slice(0, 8) });

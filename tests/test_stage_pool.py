@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -32,11 +33,6 @@ def two_pretrains(run_dir: Path, parallel: int, steps_b: int = 4, threads: int =
     b["phases"][2]["steps"] = steps_b
     raw["stages"]["pretrain_b"] = {**b, "kind": "pretrain", "seed": 7}
     return raw
-
-
-def _span(stage_dir: Path) -> tuple[float, float]:
-    done = json.loads((stage_dir / "DONE.json").read_text())
-    return done["finished"] - done["seconds"], done["finished"]
 
 
 def test_deps_of_the_tiny_recipe():
@@ -79,10 +75,11 @@ def test_parallel_run_equals_sequential_and_overlaps(tmp_path):
         b = load_file(str(tmp_path / "par" / stage / "checkpoint" / "model.safetensors"))
         assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a), stage
         assert json.loads((tmp_path / "seq" / stage / "eval.json").read_text())["accuracy"] == par[[d["stage"] for d in par].index(stage)]["summary"]["eval"]["accuracy"]
-    (a0, a1), (b0, b1) = _span(tmp_path / "par" / "pretrain"), _span(tmp_path / "par" / "pretrain_b")
-    assert a0 < b1 and b0 < a1  # they ran at the same time
-    (d0, d1), (m0, m1) = _span(tmp_path / "par" / "data"), _span(tmp_path / "par" / "model")
-    assert m0 < d1 and d0 < m1  # the model stage reads no data stage
+    # started together, not one after the other (the stages' own timings overlap only when a
+    # stage outlasts the other's imports, so the runner's log is what is checked)
+    log = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", out.getvalue())
+    assert log.index("stage pretrain_b (pretrain) started") < log.index("stage pretrain: done")
+    assert log.index("stage model (model) started") < log.index("stage data: done")  # the model stage reads no data stage
     assert (tmp_path / "par" / "pretrain" / "stage.log").read_text().count("pretrain") > 0
 
 

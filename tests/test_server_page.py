@@ -61,14 +61,20 @@ def browser(tmp_path):
             b.close()
 
 
+def open_page(browser, url: str):
+    """The inspector page, loaded -> (page, the page's script errors so far and to come)."""
+    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    errors: list[str] = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.goto(url + "/")
+    page.wait_for_selector("body[data-ready='1']", timeout=10_000)
+    return page, errors
+
+
 def test_page_filters_opens_group_and_shows_image_and_components(tmp_path, browser):
     run = write_demo_run(tmp_path / "run", steps=3, groups=3, group_size=4)
     with running(create_app(run)) as url:
-        page = browser.new_page(viewport={"width": 1400, "height": 1000})
-        errors = []
-        page.on("pageerror", lambda e: errors.append(str(e)))
-        page.goto(url + "/")
-        page.wait_for_selector("body[data-ready='1']", timeout=10_000)
+        page, errors = open_page(browser, url)
         assert page.locator("#run-name").inner_text().endswith("demo")
         assert page.locator("#rows tbody tr").count() == 36  # 3 x 3 x 4 rollouts, one page
 
@@ -121,11 +127,7 @@ def test_curves_tab_draws_the_heldout_curve(tmp_path, browser):
         for step, acc in ((0, 0.18), (2, 0.21)):
             fh.write(json.dumps({"step": step, "heldout/accuracy": acc, "heldout/accuracy/reasoning": acc - 0.01}) + "\n")
     with running(create_app(run)) as url:
-        page = browser.new_page(viewport={"width": 1400, "height": 1000})
-        errors = []
-        page.on("pageerror", lambda e: errors.append(str(e)))
-        page.goto(url + "/")
-        page.wait_for_selector("body[data-ready='1']", timeout=10_000)
+        page, errors = open_page(browser, url)
         page.click("button.tab[data-tab='curves']")
         held = "#plots img[alt='held-out accuracy (greedy)']"
         page.wait_for_function(f"(i => i && i.complete && i.naturalWidth > 0)(document.querySelector(\"{held}\"))")

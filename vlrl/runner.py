@@ -104,6 +104,12 @@ def resolve_inputs(recipe: Recipe, name: str, base: Path) -> dict[str, Path]:
     return inputs
 
 
+def stage_refs(st) -> list[tuple[str, str | None]]:
+    """(recipe key, reference) of every stage or folder a stage reads besides a merge's parts
+    (the merge stage checks those itself)."""
+    return [("from", getattr(st, "from_", None)), ("data", getattr(st, "data", None)), *_extra_refs(st)]
+
+
 def _extra_refs(st) -> list[tuple[str, str]]:
     """References besides `from` and `data`, keyed as in the recipe: a pretraining phase's
     own `data` (`phases.2.data`) and a data stage's `exclude` list (`exclude.0`)."""
@@ -157,7 +163,7 @@ def run_stage(recipe: Recipe, name: str, *, console: Console | None = None, base
     st = recipe.stages[name]
     impl = _load_impl(st.kind)
     if require_inputs:
-        for ref_key, ref in (("from", getattr(st, "from_", None)), ("data", getattr(st, "data", None)), *_extra_refs(st)):
+        for ref_key, ref in stage_refs(st):
             if ref in recipe.stages and not is_complete(base / ref) and not getattr(recipe.stages[ref], "path", None):
                 raise VlrlError(f"stage {name!r} needs stage {ref!r} ({ref_key}), which is not complete; run `vlrl run` or `vlrl stage {ref}` first")
     device = resolve_device(recipe.device)

@@ -54,12 +54,10 @@ CHILD_CODE = "import sys; sys.path.insert(0, {root!r}); from vlrl.stage_child im
 
 def stage_deps(recipe: Recipe, name: str) -> list[str]:
     """The recipe's stages this stage reads, in recipe order."""
-    from vlrl.runner import _extra_refs, eval_spec_for
+    from vlrl.runner import eval_spec_for, stage_refs
 
     st = recipe.stages[name]
-    refs: list[str] = []
-    refs += [getattr(st, "from_", None), *(getattr(st, "parts", None) or [])]  # merge keeps its `from` list as parts
-    refs += [getattr(st, "data", None)] + [ref for _, ref in _extra_refs(st)]
+    refs = [ref for _, ref in stage_refs(st)] + list(getattr(st, "parts", None) or [])  # merge keeps its `from` list as parts
     spec = eval_spec_for(recipe, name)
     if spec is not None:
         refs.append(spec.data)

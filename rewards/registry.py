@@ -173,6 +173,13 @@ def load_file_module(path: str | Path):
     return module
 
 
+def source_of(obj: Any) -> str:
+    """`module:qualname` of `obj`, or `path/file.py:qualname` for a plugin file (its module
+    name is ours, not one the user wrote)."""
+    module = getattr(obj, "__module__", None) or "?"
+    return f"{_FILE_MODULES.get(module, module)}:{getattr(obj, '__qualname__', repr(obj))}"
+
+
 def plugin_ref(obj: Any) -> PluginRef | None:
     """How another process finds `obj`; None when it cannot (lambdas, closures, interactive code)."""
     module = getattr(obj, "__module__", None)

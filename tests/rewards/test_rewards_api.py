@@ -107,6 +107,14 @@ def test_name_clash_is_an_error():
                 return 2.0
 
 
+def test_load_errors_name_the_plugin_file(tmp_path):
+    f = tmp_path / "sig.py"
+    f.write_text("from rewards import reward\n\n@reward('sig_plugin')\ndef noargs():\n    return 1.0\n")
+    with REGISTRY.scoped(), pytest.raises(PluginError) as e:
+        REGISTRY.resolve(f"{f}:noargs")
+    assert f"({f}:noargs)" in str(e.value) and "vlrl_reward_plugin" not in str(e.value)
+
+
 # ---- finding plugins
 
 

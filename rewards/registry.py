@@ -41,6 +41,10 @@ class Registry:
         self._specs: dict[str, RewardSpec] = {}
 
     def add(self, spec: RewardSpec) -> None:
+        if getattr(spec.obj, "__module__", None) not in _BUILTIN_MODULES:
+            # A plugin taking a built-in's name must be refused now, at its own import: found
+            # later, the clash breaks the built-ins' import and is blamed on them.
+            load_builtins()
         old = self._specs.get(spec.name)
         if old is not None and old.source != spec.source and not _same_definition(old.obj, spec.obj):
             raise PluginError(f"{spec.label}: the name {spec.name!r} is already taken by {old.source}; pick another name")

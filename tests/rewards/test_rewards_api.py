@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import subprocess
 import sys
 from pathlib import Path
 
@@ -105,6 +106,24 @@ def test_name_clash_is_an_error():
             @reward("clash")
             def two(sample) -> float:
                 return 2.0
+
+
+def test_plugin_taking_a_builtin_name_is_refused_at_its_own_import(tmp_path):
+    """In a fresh process (built-ins not loaded yet), the clash names the user's file and
+    component, not the built-in's import and an unrelated component."""
+    f = tmp_path / "mine.py"
+    f.write_text("from rewards import reward\n\n@reward('format')\ndef myformat(sample) -> float:\n    return 1.0\n")
+    code = (
+        "from rewards import RewardStack\n"
+        "try:\n"
+        f"    RewardStack.from_config({{'components': {{'mine': {str(f) + ':myformat'!r}, 'acc': 'math_accuracy'}}, 'workers': 0}})\n"
+        "except Exception as e:\n"
+        "    print(e)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.startswith("rewards.components.mine: ") and f"{f}:myformat" in out.stdout, out.stdout
+    assert "already taken by rewards.rules:format_reward" in out.stdout, out.stdout
 
 
 def test_load_errors_name_the_plugin_file(tmp_path):

@@ -52,7 +52,7 @@ def test_cmd(
     group_size: int = typer.Option(1, "--group-size", min=1, help="rows without a group id form groups of this many, in order"),
     args: Optional[str] = typer.Option(None, "--args", help='plugin options as JSON, e.g. \'{"n": 2}\''),
     timeout: float = typer.Option(5.0, "--timeout", help="seconds per call"),
-    workers: int = typer.Option(2, "--workers", min=0, help="pool processes (0: in-process, no timeouts)"),
+    workers: int = typer.Option(2, "--workers", min=0, help="pool processes (0: in-process, where a stuck call cannot be stopped)"),
     limit: int = typer.Option(50, "--limit", min=1, help="rows shown in the table"),
 ) -> None:
     """Score every row of FILE with SPEC; print per-sample components, failures and timing."""

@@ -141,6 +141,19 @@ class RewardStackConfig(BaseModel):
             comps[name] = c
         return self.model_copy(update={"components": comps})
 
+    def check_plugins(self, registry: Registry | None = None) -> dict[str, RewardSpec]:
+        """Every component's plugin found, imported and its options checked, without calling it
+        or starting anything: `vlrl validate` and `vlrl run` do this before any stage starts, so
+        a typo in a plugin's name or file does not wait for the stages ahead of RL to finish."""
+        specs = {}
+        for name, cc in self.components.items():
+            try:
+                specs[name] = (registry or REGISTRY).resolve(cc.fn)
+                specs[name].check_args(cc.args)
+            except PluginError as e:
+                raise RecipeError(f"rewards.components.{name}: {e}") from e
+        return specs
+
     @field_validator("components", mode="before")
     @classmethod
     def _shorthand(cls, v: Any) -> Any:

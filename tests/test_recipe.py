@@ -148,8 +148,8 @@ def test_fingerprint_changes_with_config():
     assert (c.stage_fingerprint("data"), c.stage_fingerprint("pretrain")) == (a.stage_fingerprint("data"), a.stage_fingerprint("pretrain"))
 
 
-def _cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "vlrl.cli", *args], capture_output=True, text=True, cwd=ROOT)
+def _cli(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "vlrl.cli", *args], capture_output=True, text=True, cwd=cwd)
 
 
 def test_cli_validate_ok_and_errors_in_one_line(tmp_path):
@@ -178,3 +178,51 @@ def test_cli_run_missing_input_is_one_line(tmp_path):
     assert res.returncode == 2
     lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and "stages.rl.from" in lines[0] and "does not exist" in lines[0], res.stderr
+
+
+PLUGIN = "from rewards import reward\n\n\n@reward('has_unit')\ndef has_unit(sample, *, unit: str = 'cm') -> float:\n    return float(unit in sample.response)\n"
+
+
+def test_cli_validate_imports_and_checks_reward_plugins(tmp_path):
+    """A plugin's name, file and options are checked by validate, not when RL starts hours later."""
+    (tmp_path / "mine.py").write_text(PLUGIN)
+
+    def validate(component: dict) -> subprocess.CompletedProcess:
+        raw = _raw()
+        raw["stages"]["rl"]["rewards"] = {"components": {"acc": {"fn": "answer_match"}, "units": component}}
+        p = tmp_path / "r.yaml"
+        p.write_text(yaml.safe_dump(raw, sort_keys=False))
+        return _cli("validate", str(p), cwd=tmp_path)  # relative plugin files: from the directory run in
+
+    ok = validate({"fn": "mine.py:has_unit", "args": {"unit": "mm"}})
+    assert ok.returncode == 0, ok.stderr
+    assert "stages.rl rewards: acc (answer_match), units (mine.py:has_unit)" in " ".join(ok.stdout.split())
+    for component, message in [
+        ({"fn": "mine.py:has_unitz"}, "'mine.py' has no attribute 'has_unitz'"),
+        ({"fn": "nope.py:has_unit"}, "reward plugin file 'nope.py' does not exist"),
+        ({"fn": "has_units"}, "unknown reward plugin 'has_units'"),
+        ({"fn": "mine.py:has_unit", "args": {"units": "mm"}}, "unknown option(s) ['units']; it accepts ['unit']"),
+        ({"fn": "mine.py:has_unit", "wieght": 2}, "stages.rl.rewards: 1 validation error"),
+    ]:
+        res = validate(component)
+        lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
+        assert res.returncode == 2 and len(lines) == 1, res.stderr
+        assert "r.yaml: stages.rl.rewards" in lines[0] and message in lines[0], lines[0]
+
+
+def test_run_checks_reward_plugins_before_any_stage(tmp_path):
+    from vlrl.runner import run_recipe
+
+    run_dir = tmp_path / "run"
+    (run_dir / "rl").mkdir(parents=True)  # an earlier rl output, which --force would move aside
+    raw = {
+        "name": "t",
+        "run_dir": str(run_dir),
+        "stages": {
+            "data": {"n": 20, "n_eval": 5},
+            "rl": {"from": str(tmp_path), "data": "data", "steps": 1, "rewards": {"components": {"x": {"fn": "no_such_plugin"}}}},
+        },
+    }
+    with pytest.raises(RecipeError, match=r"^stages\.rl\.rewards\.components\.x: unknown reward plugin 'no_such_plugin'"):
+        run_recipe(validate_recipe(raw), force=["rl"])
+    assert not (run_dir / "data").exists() and (run_dir / "rl").is_dir()

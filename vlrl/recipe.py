@@ -13,6 +13,7 @@ raw mapping first and validated together with it.
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
@@ -310,6 +311,30 @@ def validate_recipe(raw: Any, source: str = "<recipe>") -> Recipe:
         raise RecipeError(_format_validation(e, raw, source)) from None
     _check_references(recipe, source)
     return recipe
+
+
+# Checks of what a stage's schema passes through unchecked (the RL stage's reward plugins),
+# run by `vlrl validate` and before any stage starts: `check(stage config, "stages.<name>") -> lines to show`.
+STAGE_CHECKS: dict[str, str] = {
+    "rl": "rlhf.reward_config:check_stage",
+}
+
+
+def check_stages(recipe: Recipe, names: list[str] | None = None, source: str | None = None) -> list[str]:
+    """The STAGE_CHECKS of the named stages (default: all); a RecipeError names the key (and
+    `source`, the recipe file, when given)."""
+    notes = []
+    for name in recipe.stages if names is None else names:
+        st = recipe.stages[name]
+        if st.kind in STAGE_CHECKS:
+            module, fn = STAGE_CHECKS[st.kind].split(":")
+            try:
+                notes += getattr(importlib.import_module(module), fn)(st, f"stages.{name}")
+            except RecipeError as e:
+                if source is None:
+                    raise
+                raise RecipeError(f"{source}: {e}") from None
+    return notes
 
 
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:

@@ -42,6 +42,7 @@ from rlhf.heldout import HeldoutCurve, curve_summary, curve_table, describe_poin
 from rlhf.health import (
     AnswerCollapseWatch,
     FirstStepCollapseWatch,
+    RewardFailureWatch,
     TruncationWatch,
     answer_key,
     first_step_key,
@@ -95,6 +96,7 @@ class Controller:
         self.ctx, self.cfg, self.placement = ctx, cfg, cfg.placement
         self.last_answers: dict[str, list] = {}  # per task (response answer, reference answer) of the last step
         self.last_first_steps: dict[str, list] = {}  # per task (response's first computation, reference's) of the last step
+        self.last_failures: list[dict[str, str]] = []  # per sample of the last step, RewardResult.failures
         where = f"stages.{ctx.name}"
         reward_cfg = validate_rewards(cfg, where)  # before anything is loaded
         self.seed = ctx.seed()
@@ -260,6 +262,7 @@ class Controller:
             self.store.append(self._rows(s, groups, adv, mask))
         self.last_answers = self._answer_pairs(groups)
         self.last_first_steps = self._first_step_pairs(groups)
+        self.last_failures = [r.failures for g in groups for r in g.results]
         metrics = self._metrics(s, groups, kept, batch, train, adv_metrics, {**trunc, **sampling, **hybrid}, timer, rounds)
         metrics["time/step"] = time.perf_counter() - t0
         self.kl_coef = A.next_kl_coef(cfg.algo.kl, s + 1, self.kl_coef, train.get("actor/kl_loss"), batch.rows, cfg.steps)
@@ -540,7 +543,7 @@ def run_stage(ctx) -> dict:
         watch = TruncationWatch(
             masked=cfg.algo.mask_truncated, penalised=length_is_penalised(cfg.reward_terms, cfg.rewards), max_tokens=cfg.rollout.max_tokens
         )
-        collapse, step_collapse = AnswerCollapseWatch(), FirstStepCollapseWatch()
+        collapse, step_collapse, failing = AnswerCollapseWatch(), FirstStepCollapseWatch(), RewardFailureWatch()
         with _progress(ctx.console) as progress:
             task = progress.add_task("rl", total=cfg.steps, completed=ctl.start, reward=math.nan, tps=0.0)
             if curve is not None and curve.wants(ctl.start):
@@ -552,6 +555,7 @@ def run_stage(ctx) -> dict:
                     watch.update(s + 1, last.get("batch/truncated_frac")),
                     *collapse.update(s + 1, ctl.last_answers),
                     *step_collapse.update(s + 1, ctl.last_first_steps),
+                    *failing.update(s + 1, ctl.last_failures),
                 ]
                 for warning in filter(None, found):
                     warnings.append(warning)

@@ -126,13 +126,22 @@ def _resolve_path(ref: str) -> RewardSpec:
     except PluginError:
         raise
     except Exception as e:
-        raise PluginError(f"reward plugin {ref!r}: cannot import {where!r}: {type(e).__name__}: {e}") from e
+        raise PluginError(f"reward plugin {ref!r}: cannot import {where!r}: {type(e).__name__}: {e}{_module_hint(e, where, qualname)}") from e
     obj: Any = module
     for part in qualname.split("."):
         if not hasattr(obj, part):
             raise PluginError(f"reward plugin {ref!r}: {where!r} has no attribute {qualname!r}")
         obj = getattr(obj, part)
     return _spec_for(obj, name=None, source=ref)
+
+
+def _module_hint(e: Exception, where: str, qualname: str) -> str:
+    """`my_rewards:f` beside my_rewards.py fails from the `vlrl` command, whose sys.path has
+    no current directory (unlike `python script.py`): point at the file form."""
+    file = Path(*where.split(".")).with_suffix(".py")
+    if isinstance(e, ModuleNotFoundError) and e.name == where.split(".")[0] and file.is_file():
+        return f" ({file} is here, but a module must be importable: installed or on PYTHONPATH; name the file instead: {file}:{qualname})"
+    return ""
 
 
 def _spec_for(obj: Any, *, name: str | None, source: str) -> RewardSpec:

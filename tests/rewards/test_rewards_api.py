@@ -156,6 +156,15 @@ def test_unknown_name_lists_known_ones():
         REGISTRY.resolve("missing/file.py:f")
 
 
+def test_module_form_for_a_file_here_points_at_the_file_form(tmp_path, monkeypatch):
+    (tmp_path / "here_rewards.py").write_text("def f(sample):\n    return 1.0\n")
+    monkeypatch.chdir(tmp_path)  # as the `vlrl` command sees it: the current directory is not on sys.path
+    with pytest.raises(PluginError) as e:
+        REGISTRY.resolve("here_rewards:f")
+    assert "No module named 'here_rewards'" in str(e.value) and "name the file instead: here_rewards.py:f" in str(e.value)
+    assert REGISTRY.resolve("here_rewards.py:f").make_callable({})(RewardSample(response="x")) == 1.0
+
+
 def test_entry_point_group(tmp_path, monkeypatch):
     pkg = tmp_path / "site"
     (pkg / "myrewards_pkg").mkdir(parents=True)

@@ -144,14 +144,19 @@ class RewardStackConfig(BaseModel):
     def check_plugins(self, registry: Registry | None = None) -> dict[str, RewardSpec]:
         """Every component's plugin found, imported and its options checked, without calling it
         or starting anything: `vlrl validate` and `vlrl run` do this before any stage starts, so
-        a typo in a plugin's name or file does not wait for the stages ahead of RL to finish."""
+        a typo in a plugin's name or file does not wait for the stages ahead of RL to finish.
+        Class plugins are built (the contract keeps their __init__ cheap): it checks their
+        option values."""
         specs = {}
         for name, cc in self.components.items():
             try:
                 specs[name] = (registry or REGISTRY).resolve(cc.fn)
                 specs[name].check_args(cc.args)
+                closer = getattr(specs[name].make_callable(cc.args), "close", None)
             except PluginError as e:
                 raise RecipeError(f"rewards.components.{name}: {e}") from e
+            if callable(closer):
+                closer()
         return specs
 
     @field_validator("components", mode="before")

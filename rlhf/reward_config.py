@@ -34,6 +34,10 @@ def check_stage(cfg: RlStage, where: str) -> list[str]:
     try:
         stack.check_plugins()
     except RecipeError as e:
-        raise RecipeError(f"{where}.{e}") from None
+        msg = str(e)
+        for term in cfg.reward_terms:  # merged into the components above: name the key the user wrote
+            if msg.startswith(f"rewards.components.{term}: "):
+                msg = f"reward_terms.{term}: " + msg.split(": ", 1)[1]
+        raise RecipeError(f"{where}.{msg}") from None
     names = ", ".join(n if c.fn == n else f"{n} ({c.fn})" for n, c in stack.components.items())
     return [f"{where} rewards: {names}"]

@@ -187,9 +187,10 @@ def test_cli_validate_imports_and_checks_reward_plugins(tmp_path):
     """A plugin's name, file and options are checked by validate, not when RL starts hours later."""
     (tmp_path / "mine.py").write_text(PLUGIN)
 
-    def validate(component: dict) -> subprocess.CompletedProcess:
+    def validate(component: dict, **rl) -> subprocess.CompletedProcess:
         raw = _raw()
         raw["stages"]["rl"]["rewards"] = {"components": {"acc": {"fn": "answer_match"}, "units": component}}
+        raw["stages"]["rl"].update(rl)
         p = tmp_path / "r.yaml"
         p.write_text(yaml.safe_dump(raw, sort_keys=False))
         return _cli("validate", str(p), cwd=tmp_path)  # relative plugin files: from the directory run in
@@ -203,11 +204,14 @@ def test_cli_validate_imports_and_checks_reward_plugins(tmp_path):
         ({"fn": "has_units"}, "unknown reward plugin 'has_units'"),
         ({"fn": "mine.py:has_unit", "args": {"units": "mm"}}, "unknown option(s) ['units']; it accepts ['unit']"),
         ({"fn": "mine.py:has_unit", "wieght": 2}, "stages.rl.rewards: 1 validation error"),
+        ({"fn": "overlong", "args": {"max_length": 4, "cache": 8}}, "need 0 < cache <= max_length"),
     ]:
         res = validate(component)
         lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
         assert res.returncode == 2 and len(lines) == 1, res.stderr
         assert "r.yaml: stages.rl.rewards" in lines[0] and message in lines[0], lines[0]
+    res = validate({"fn": "mine.py:has_unit"}, reward_terms={"overlong": {"weight": 1.0, "args": {"max_length": 4, "cache": 8}}})
+    assert res.returncode == 2 and "r.yaml: stages.rl.reward_terms.overlong: " in res.stderr and "cache <= max_length" in res.stderr, res.stderr
 
 
 def test_run_checks_reward_plugins_before_any_stage(tmp_path):

@@ -105,7 +105,9 @@ def _read_config(path: Path) -> dict:
     else:
         import yaml
 
-        cfg = yaml.safe_load(text)
+        from vlrl.recipe import UniqueKeyLoader
+
+        cfg = yaml.load(text, Loader=UniqueKeyLoader)
     if isinstance(cfg, dict) and "rewards" in cfg and isinstance(cfg["rewards"], dict):
         cfg = cfg["rewards"]
     if not isinstance(cfg, dict):

@@ -120,6 +120,20 @@ def test_invalid_yaml_names_line(tmp_path):
         load_recipe(p)
 
 
+def test_a_key_given_twice_is_refused_not_dropped(tmp_path):
+    """YAML keeps the last of two equal keys: the first reward component would vanish."""
+    p = tmp_path / "dup.yaml"
+    text = TINY.read_text().replace("      default_route: [answer_match, format]\n", "      default_route: [answer_match, format]\n      routing: {arith: [format]}\n")
+    p.write_text(text)
+    line = text.splitlines().index("      routing: {arith: [format]}") + 1
+    with pytest.raises(RecipeError, match=rf"dup.yaml: line {line}: not valid YAML \(key 'routing' given twice in one mapping\)"):
+        load_recipe(p)
+    from vlrl.recipe import UniqueKeyLoader
+
+    merged = yaml.load("base: &b {x: 1, y: 1}\nover: {<<: *b, x: 2}\n", Loader=UniqueKeyLoader)
+    assert merged["over"] == {"x": 2, "y": 1}  # a key brought in by a merge (<<: *sft) may be overridden
+
+
 def test_rl_stage_is_strict(tmp_path):
     raw = _raw()
     raw["stages"]["rl"] = {"from": "pretrain", "data": "data", "steps": 2, "lr": 1e-6}

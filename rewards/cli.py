@@ -99,15 +99,18 @@ def test_cmd(
 def _read_config(path: Path) -> dict:
     if not path.is_file():
         raise VlrlError(f"{path}: no such stack config file")
+    import yaml
+
+    from vlrl.recipe import UniqueKeyLoader
+
     text = path.read_text(encoding="utf-8")
-    if path.suffix == ".json":
-        cfg = json.loads(text)
-    else:
-        import yaml
-
-        from vlrl.recipe import UniqueKeyLoader
-
-        cfg = yaml.load(text, Loader=UniqueKeyLoader)
+    try:
+        cfg = json.loads(text) if path.suffix == ".json" else yaml.load(text, Loader=UniqueKeyLoader)
+    except json.JSONDecodeError as e:
+        raise VlrlError(f"{path}: line {e.lineno}: not valid JSON ({e.msg})") from None
+    except yaml.YAMLError as e:  # one line, as for recipes, not a traceback
+        mark = getattr(e, "problem_mark", None)
+        raise VlrlError(f"{path}:{f' line {mark.line + 1}:' if mark else ''} not valid YAML ({getattr(e, 'problem', None) or e})") from None
     if isinstance(cfg, dict) and "rewards" in cfg and isinstance(cfg["rewards"], dict):
         cfg = cfg["rewards"]
     if not isinstance(cfg, dict):

@@ -177,6 +177,10 @@ def load_file_module(path: str | Path):
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module
     _FILE_MODULES[name] = str(p)
+    if str(p.parent) not in sys.path:
+        # its imports of the modules beside it work, as under `python file.py`; appended, so
+        # a file there cannot shadow an installed package
+        sys.path.append(str(p.parent))
     try:
         spec.loader.exec_module(module)
     except BaseException:

@@ -165,6 +165,17 @@ def test_module_form_for_a_file_here_points_at_the_file_form(tmp_path, monkeypat
     assert REGISTRY.resolve("here_rewards.py:f").make_callable({})(RewardSample(response="x")) == 1.0
 
 
+def test_a_plugin_file_imports_the_modules_beside_it(tmp_path, monkeypatch):
+    (tmp_path / "plug").mkdir()
+    (tmp_path / "plug" / "beside_helpers.py").write_text("def half(sample):\n    return 0.5\n")
+    (tmp_path / "plug" / "beside.py").write_text("from beside_helpers import half\n\ndef f(sample):\n    return half(sample)\n")
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    spec = REGISTRY.resolve(f"{tmp_path / 'plug' / 'beside.py'}:f")
+    assert spec.make_callable({})(RewardSample(response="x")) == 0.5
+    assert sys.path[-1] == str(tmp_path / "plug")  # after the installed packages
+    sys.modules.pop("beside_helpers", None)
+
+
 def test_entry_point_group(tmp_path, monkeypatch):
     pkg = tmp_path / "site"
     (pkg / "myrewards_pkg").mkdir(parents=True)

@@ -113,6 +113,8 @@ def _read_config(path: Path) -> dict:
         raise VlrlError(f"{path}:{f' line {mark.line + 1}:' if mark else ''} not valid YAML ({getattr(e, 'problem', None) or e})") from None
     if isinstance(cfg, dict) and "rewards" in cfg and isinstance(cfg["rewards"], dict):
         cfg = cfg["rewards"]
+    if isinstance(cfg, dict) and "stages" in cfg:
+        raise VlrlError(f"{path}: a recipe, not a stack config; put its RL stage's rewards: section in a file of its own (vlrl validate checks it in the recipe)")
     if not isinstance(cfg, dict):
         raise VlrlError(f"{path}: expected a mapping of reward stack settings")
     return cfg

@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from vlrl.errors import DataError, RecipeError
 
@@ -129,6 +129,19 @@ class RewardStackConfig(BaseModel):
     worker_memory_mb: int | None = Field(default=4096, ge=256)  # address-space cap per worker; None = none
     standardize_model_scores: bool = False  # z-score model components within their group (MiniCPM-V 4.5)
     standardize_eps: float = 1e-6
+
+    @classmethod
+    def parse(cls, cfg: Any, where: str = "rewards") -> "RewardStackConfig":
+        """`cfg` validated, or a one-line RecipeError naming the first bad key under `where`
+        (pydantic's own message is a dozen lines with links)."""
+        try:
+            return cls.model_validate(cfg)
+        except ValidationError as e:
+            errs = e.errors()
+            loc = "".join(f".{x}" for x in errs[0]["loc"])
+            msg = errs[0]["msg"].removeprefix("Value error, ")
+            more = f" [+{len(errs) - 1} more error(s)]" if len(errs) > 1 else ""
+            raise RecipeError(f"{where}{loc}: {msg[:1].lower()}{msg[1:]}{more}") from None
 
     def with_base_dir(self, base_dir: str | Path) -> "RewardStackConfig":
         """A copy where relative `file.py:function` plugins point into `base_dir` (a recipe's
@@ -285,10 +298,7 @@ class RewardStack:
         if cfg is None:
             cfg = RewardStackConfig()
         elif isinstance(cfg, dict):
-            try:
-                cfg = RewardStackConfig.model_validate(cfg)
-            except Exception as e:
-                raise RecipeError(f"rewards: {e}") from e
+            cfg = RewardStackConfig.parse(cfg)
         return cls(cfg, registry=registry, context=context)
 
     # -- loading

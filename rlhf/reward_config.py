@@ -11,11 +11,7 @@ def validate_rewards(cfg: RlStage, where: str):
     """The rewards section, checked before anything is loaded."""
     from rewards.stack import ComponentConfig, RewardStackConfig
 
-    try:
-        stack = RewardStackConfig.model_validate(cfg.rewards)
-    except Exception as e:  # pydantic's message, made one line
-        first = str(e).splitlines()
-        raise RecipeError(f"{where}.rewards: {' '.join(s.strip() for s in first[:3])}") from None
+    stack = RewardStackConfig.parse(cfg.rewards, f"{where}.rewards")
     if not cfg.reward_terms:
         return stack
     clash = sorted(set(cfg.reward_terms) & set(stack.components))

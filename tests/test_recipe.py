@@ -217,13 +217,13 @@ def test_cli_validate_imports_and_checks_reward_plugins(tmp_path):
         ({"fn": "nope.py:has_unit"}, "reward plugin file 'nope.py' does not exist"),
         ({"fn": "has_units"}, "unknown reward plugin 'has_units'"),
         ({"fn": "mine.py:has_unit", "args": {"units": "mm"}}, "unknown option(s) ['units']; it accepts ['unit']"),
-        ({"fn": "mine.py:has_unit", "wieght": 2}, "stages.rl.rewards: 1 validation error"),
+        ({"fn": "mine.py:has_unit", "wieght": 2}, "stages.rl.rewards.components.units.wieght: extra inputs are not permitted"),
         ({"fn": "overlong", "args": {"max_length": 4, "cache": 8}}, "need 0 < cache <= max_length"),
     ]:
         res = validate(component)
         lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
         assert res.returncode == 2 and len(lines) == 1, res.stderr
-        assert "r.yaml: stages.rl.rewards" in lines[0] and message in lines[0], lines[0]
+        assert "r.yaml: stages.rl.rewards." in lines[0] and message in lines[0], lines[0]
     res = validate({"fn": "mine.py:has_unit"}, reward_terms={"overlong": {"weight": 1.0, "args": {"max_length": 4, "cache": 8}}})
     assert res.returncode == 2 and "r.yaml: stages.rl.reward_terms.overlong: " in res.stderr and "cache <= max_length" in res.stderr, res.stderr
 

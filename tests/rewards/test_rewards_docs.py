@@ -71,6 +71,7 @@ def test_cli_stack_config_errors_are_one_line(tmp_path):
         ("broken.yaml", "components:\n  a: {fn: format\n", "broken.yaml: line 3: not valid YAML"),
         ("twice.yaml", "components:\n  a: {fn: format}\n  a: {fn: exact_match}\n", "twice.yaml: line 3: not valid YAML (key 'a' given twice"),
         ("broken.json", '{"components": ', "broken.json: line 1: not valid JSON"),
+        ("recipe.yaml", "name: r\nstages:\n  rl: {rewards: {}}\n", "recipe.yaml: a recipe, not a stack config"),
     ]:
         (tmp_path / name).write_text(text)
         res = CliRunner().invoke(app, ["test", str(tmp_path / name), "--data", str(data), "--workers", "0"])

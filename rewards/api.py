@@ -262,10 +262,12 @@ def reward(
     """
 
     def deco(obj):
+        from rewards.registry import REGISTRY, source_of
+
         spec = build_spec(
             obj,
             name=name if isinstance(name, str) else None,
-            source=f"{obj.__module__}:{obj.__qualname__}",
+            source=source_of(obj),
             batched=batched,
             needs_scores=needs_scores,
             kind=kind,
@@ -276,8 +278,6 @@ def reward(
         )
         setattr(obj, SPEC_ATTR, spec)
         if register:
-            from rewards.registry import REGISTRY
-
             REGISTRY.add(spec)
         return obj
 

@@ -52,7 +52,7 @@ def test_cmd(
     group_size: int = typer.Option(1, "--group-size", min=1, help="rows without a group id form groups of this many, in order"),
     args: Optional[str] = typer.Option(None, "--args", help='plugin options as JSON, e.g. \'{"n": 2}\''),
     timeout: float = typer.Option(5.0, "--timeout", help="seconds per call"),
-    workers: int = typer.Option(2, "--workers", min=0, help="pool processes (0: in-process, no timeouts)"),
+    workers: int = typer.Option(2, "--workers", min=0, help="pool processes (0: in-process, where a stuck call cannot be stopped)"),
     limit: int = typer.Option(50, "--limit", min=1, help="rows shown in the table"),
 ) -> None:
     """Score every row of FILE with SPEC; print per-sample components, failures and timing."""
@@ -99,15 +99,22 @@ def test_cmd(
 def _read_config(path: Path) -> dict:
     if not path.is_file():
         raise VlrlError(f"{path}: no such stack config file")
-    text = path.read_text(encoding="utf-8")
-    if path.suffix == ".json":
-        cfg = json.loads(text)
-    else:
-        import yaml
+    import yaml
 
-        cfg = yaml.safe_load(text)
+    from vlrl.recipe import UniqueKeyLoader
+
+    text = path.read_text(encoding="utf-8")
+    try:
+        cfg = json.loads(text) if path.suffix == ".json" else yaml.load(text, Loader=UniqueKeyLoader)
+    except json.JSONDecodeError as e:
+        raise VlrlError(f"{path}: line {e.lineno}: not valid JSON ({e.msg})") from None
+    except yaml.YAMLError as e:  # one line, as for recipes, not a traceback
+        mark = getattr(e, "problem_mark", None)
+        raise VlrlError(f"{path}:{f' line {mark.line + 1}:' if mark else ''} not valid YAML ({getattr(e, 'problem', None) or e})") from None
     if isinstance(cfg, dict) and "rewards" in cfg and isinstance(cfg["rewards"], dict):
         cfg = cfg["rewards"]
+    if isinstance(cfg, dict) and "stages" in cfg:
+        raise VlrlError(f"{path}: a recipe, not a stack config; put its RL stage's rewards: section in a file of its own (vlrl validate checks it in the recipe)")
     if not isinstance(cfg, dict):
         raise VlrlError(f"{path}: expected a mapping of reward stack settings")
     return cfg

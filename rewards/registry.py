@@ -41,6 +41,10 @@ class Registry:
         self._specs: dict[str, RewardSpec] = {}
 
     def add(self, spec: RewardSpec) -> None:
+        if getattr(spec.obj, "__module__", None) not in _BUILTIN_MODULES:
+            # A plugin taking a built-in's name must be refused now, at its own import: found
+            # later, the clash breaks the built-ins' import and is blamed on them.
+            load_builtins()
         old = self._specs.get(spec.name)
         if old is not None and old.source != spec.source and not _same_definition(old.obj, spec.obj):
             raise PluginError(f"{spec.label}: the name {spec.name!r} is already taken by {old.source}; pick another name")
@@ -122,13 +126,22 @@ def _resolve_path(ref: str) -> RewardSpec:
     except PluginError:
         raise
     except Exception as e:
-        raise PluginError(f"reward plugin {ref!r}: cannot import {where!r}: {type(e).__name__}: {e}") from e
+        raise PluginError(f"reward plugin {ref!r}: cannot import {where!r}: {type(e).__name__}: {e}{_module_hint(e, where, qualname)}") from e
     obj: Any = module
     for part in qualname.split("."):
         if not hasattr(obj, part):
             raise PluginError(f"reward plugin {ref!r}: {where!r} has no attribute {qualname!r}")
         obj = getattr(obj, part)
     return _spec_for(obj, name=None, source=ref)
+
+
+def _module_hint(e: Exception, where: str, qualname: str) -> str:
+    """`my_rewards:f` beside my_rewards.py fails from the `vlrl` command, whose sys.path has
+    no current directory (unlike `python script.py`): point at the file form."""
+    file = Path(*where.split(".")).with_suffix(".py")
+    if isinstance(e, ModuleNotFoundError) and e.name == where.split(".")[0] and file.is_file():
+        return f" ({file} is here, but a module must be importable: installed or on PYTHONPATH; name the file instead: {file}:{qualname})"
+    return ""
 
 
 def _spec_for(obj: Any, *, name: str | None, source: str) -> RewardSpec:
@@ -164,6 +177,10 @@ def load_file_module(path: str | Path):
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module
     _FILE_MODULES[name] = str(p)
+    if str(p.parent) not in sys.path:
+        # its imports of the modules beside it work, as under `python file.py`; appended, so
+        # a file there cannot shadow an installed package
+        sys.path.append(str(p.parent))
     try:
         spec.loader.exec_module(module)
     except BaseException:
@@ -171,6 +188,13 @@ def load_file_module(path: str | Path):
         _FILE_MODULES.pop(name, None)
         raise
     return module
+
+
+def source_of(obj: Any) -> str:
+    """`module:qualname` of `obj`, or `path/file.py:qualname` for a plugin file (its module
+    name is ours, not one the user wrote)."""
+    module = getattr(obj, "__module__", None) or "?"
+    return f"{_FILE_MODULES.get(module, module)}:{getattr(obj, '__qualname__', repr(obj))}"
 
 
 def plugin_ref(obj: Any) -> PluginRef | None:

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import concurrent.futures
 import dataclasses
 import math
 import threading
@@ -34,12 +33,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from vlrl.errors import DataError, RecipeError
 
 from rewards.api import PluginError, RewardSample, RewardSpec
-from rewards.execute import ComponentDef, run_call, run_call_async
+from rewards.execute import ComponentDef, failure, run_call, run_call_async
 from rewards.pool import Call, CallOutcome, PoolStats, WorkerPool
 from rewards.registry import REGISTRY, Registry, plugin_ref
 
@@ -125,11 +124,24 @@ class RewardStackConfig(BaseModel):
     always: list[str] = Field(default_factory=list)  # added to every record's route (length / diversity terms)
     fallback: float = 0.0  # value of a failed component
     timeout: float = Field(default=5.0, gt=0)  # seconds per call
-    workers: int = Field(default=2, ge=0)  # pool processes; 0 = run isolated plugins in-process, without timeouts
+    workers: int = Field(default=2, ge=0)  # pool processes; 0 = run isolated plugins in-process, where a stuck call cannot be stopped
     start_method: Literal["spawn", "forkserver"] = "spawn"
     worker_memory_mb: int | None = Field(default=4096, ge=256)  # address-space cap per worker; None = none
     standardize_model_scores: bool = False  # z-score model components within their group (MiniCPM-V 4.5)
     standardize_eps: float = 1e-6
+
+    @classmethod
+    def parse(cls, cfg: Any, where: str = "rewards") -> "RewardStackConfig":
+        """`cfg` validated, or a one-line RecipeError naming the first bad key under `where`
+        (pydantic's own message is a dozen lines with links)."""
+        try:
+            return cls.model_validate(cfg)
+        except ValidationError as e:
+            errs = e.errors()
+            loc = "".join(f".{x}" for x in errs[0]["loc"])
+            msg = errs[0]["msg"].removeprefix("Value error, ")
+            more = f" [+{len(errs) - 1} more error(s)]" if len(errs) > 1 else ""
+            raise RecipeError(f"{where}{loc}: {msg[:1].lower()}{msg[1:]}{more}") from None
 
     def with_base_dir(self, base_dir: str | Path) -> "RewardStackConfig":
         """A copy where relative `file.py:function` plugins point into `base_dir` (a recipe's
@@ -141,6 +153,24 @@ class RewardStackConfig(BaseModel):
                 c = c.model_copy(update={"fn": f"{Path(base_dir) / where}:{fn}"})
             comps[name] = c
         return self.model_copy(update={"components": comps})
+
+    def check_plugins(self, registry: Registry | None = None) -> dict[str, RewardSpec]:
+        """Every component's plugin found, imported and its options checked, without calling it
+        or starting anything: `vlrl validate` and `vlrl run` do this before any stage starts, so
+        a typo in a plugin's name or file does not wait for the stages ahead of RL to finish.
+        Class plugins are built (the contract keeps their __init__ cheap): it checks their
+        option values."""
+        specs = {}
+        for name, cc in self.components.items():
+            try:
+                specs[name] = (registry or REGISTRY).resolve(cc.fn)
+                specs[name].check_args(cc.args)
+                closer = getattr(specs[name].make_callable(cc.args), "close", None)
+            except PluginError as e:
+                raise RecipeError(f"rewards.components.{name}: {e}") from e
+            if callable(closer):
+                closer()
+        return specs
 
     @field_validator("components", mode="before")
     @classmethod
@@ -256,7 +286,6 @@ class RewardStack:
             if pooled and config.workers > 0
             else None
         )
-        self._threads = concurrent.futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="vlrl-reward")
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_thread: threading.Thread | None = None
         self._last_metrics: dict[str, float] = {}
@@ -269,10 +298,7 @@ class RewardStack:
         if cfg is None:
             cfg = RewardStackConfig()
         elif isinstance(cfg, dict):
-            try:
-                cfg = RewardStackConfig.model_validate(cfg)
-            except Exception as e:
-                raise RecipeError(f"rewards: {e}") from e
+            cfg = RewardStackConfig.parse(cfg)
         return cls(cfg, registry=registry, context=context)
 
     # -- loading
@@ -328,7 +354,6 @@ class RewardStack:
                     closer()
                 except Exception:  # closing must not hide the caller's own error
                     pass
-        self._threads.shutdown(wait=False, cancel_futures=True)
         if self._loop is not None:
             self._loop.call_soon_threadsafe(self._loop.stop)
             self._loop = None
@@ -460,35 +485,69 @@ class RewardStack:
         local = [c for c in calls if not (self.components[c.component].isolate and self._pool is not None)]
         aio = [c for c in local if self.components[c.component].spec.is_async]
         sync = [c for c in local if not self.components[c.component].spec.is_async]
-        fut_async = asyncio.run_coroutine_threadsafe(self._run_async(aio), self._event_loop()) if aio else None
+        watch = _LocalCalls()
+        if aio:
+            asyncio.run_coroutine_threadsafe(self._run_async(aio, watch), self._event_loop())
         by_comp: dict[str, list[Call]] = collections.defaultdict(list)
         for c in sync:
             by_comp[c.component].append(c)
-        futs = [self._threads.submit(self._run_sync, cs) for cs in by_comp.values()]
+        for name, cs in by_comp.items():
+            threading.Thread(target=self._run_sync, args=(cs, watch), name=f"vlrl-reward-{name}", daemon=True).start()
         out: dict[int, CallOutcome] = self._pool.run(pooled) if pooled else {}
-        for f in futs:
-            out.update(f.result())
-        if fut_async is not None:
-            out.update(fut_async.result())
+        out.update(self._wait_local(aio, by_comp, watch))
         return out
 
-    def _run_sync(self, calls: list[Call]) -> dict[int, CallOutcome]:
-        out = {}
+    def _wait_local(self, aio: list[Call], by_comp: dict[str, list[Call]], watch: "_LocalCalls") -> dict[int, CallOutcome]:
+        """The in-process calls' outcomes, none waited for past its timeout (see _LocalCalls)."""
+        aio_deadline = watch.t0 + max((c.timeout for c in aio), default=0.0) + _LOCAL_GRACE_S
+        pending = {c.id: c for c in aio} | {c.id: c for cs in by_comp.values() for c in cs}
+        out: dict[int, CallOutcome] = {}
+        with watch.cond:
+            while True:
+                for cid in [cid for cid in pending if cid in watch.done]:
+                    out[cid] = watch.done[cid]
+                    del pending[cid]
+                if not pending:
+                    return out
+                now = time.perf_counter()
+                if aio and now > aio_deadline and any(c.id in pending for c in aio):
+                    for c in aio:
+                        if pending.pop(c.id, None) is not None:
+                            out[c.id] = CallOutcome(failure(f"timeout: no result within {c.timeout:g}s; {_BLOCKED_LOOP}", len(c.samples)), c.timeout, False)
+                    self._loop = None  # the blocked loop's thread is a daemon: left behind
+                for name, cs in by_comp.items():
+                    if self.components[name].spec.kind == "model":
+                        continue  # bounded by their own timeout_s: a first call may load a model for minutes
+                    stuck = next((c for c in cs if c.id in pending and now - watch.started.get(c.id, now) > c.timeout + _LOCAL_GRACE_S), None)
+                    if stuck is None:
+                        continue
+                    watch.abandoned.add(name)
+                    for c in cs:
+                        if pending.pop(c.id, None) is None:
+                            continue
+                        msg = f"timeout: no result within {c.timeout:g}s; {_STUCK_THREAD}" if c is stuck else f"not run: an earlier call of {name!r} hung in this process"
+                        out[c.id] = CallOutcome(failure(msg, len(c.samples)), c.timeout if c is stuck else 0.0, False)
+                if pending:
+                    watch.cond.wait(0.05)
+
+    def _run_sync(self, calls: list[Call], watch: "_LocalCalls") -> None:
         for c in calls:
             comp = self.components[c.component]
-            t = time.perf_counter()
+            with watch.cond:
+                if c.component in watch.abandoned:
+                    return
+                watch.started[c.id] = t = time.perf_counter()
             items, whole = run_call(comp.local, comp.defn, c.samples, c.timeout, None)
-            out[c.id] = CallOutcome(items, time.perf_counter() - t, whole)
-        return out
+            watch.finish(c.id, CallOutcome(items, time.perf_counter() - t, whole))
 
-    async def _run_async(self, calls: list[Call]) -> dict[int, CallOutcome]:
-        async def one(c: Call) -> tuple[int, CallOutcome]:
+    async def _run_async(self, calls: list[Call], watch: "_LocalCalls") -> None:
+        async def one(c: Call) -> None:
             comp = self.components[c.component]
             t = time.perf_counter()
             items, whole = await run_call_async(comp.local, comp.defn, c.samples, c.timeout)
-            return c.id, CallOutcome(items, time.perf_counter() - t, whole)
+            watch.finish(c.id, CallOutcome(items, time.perf_counter() - t, whole))
 
-        return dict(await asyncio.gather(*(one(c) for c in calls)))
+        await asyncio.gather(*(one(c) for c in calls))
 
     def _event_loop(self) -> asyncio.AbstractEventLoop:
         if self._loop is None:
@@ -577,6 +636,35 @@ class RewardStack:
                 contributions[name] = w * x
         total = sum(contributions.values())
         return RewardResult(total=total, components=p.components, contributions=contributions, failures=p.failures, timings=p.timings, correct=p.correct)
+
+
+_LOCAL_GRACE_S = 1.0  # slack past a call's timeout before an in-process call counts as stuck
+_BLOCKED_LOOP = (
+    "the event loop of in-process async plugins stayed blocked: an async plugin must not block "
+    "(time.sleep, a blocking HTTP client, CPU-bound work); await instead, use asyncio.to_thread, or set isolate: true"
+)
+_STUCK_THREAD = "an in-process plugin cannot be stopped (its thread is left running); set isolate: true to run it in the pool, where a stuck call is killed"
+
+
+class _LocalCalls:
+    """The in-process calls of one _execute: when each sync call started, what each returned.
+
+    Why: an in-process plugin cannot be stopped. A sync one that hangs holds its thread, and an
+    async one that blocks holds the event loop, where asyncio's timeouts never fire; waiting on
+    them without a bound froze the whole RL run with no message. So a call past its timeout
+    is failed and its thread or loop (daemons) left behind, as the pool kills a stuck worker."""
+
+    def __init__(self) -> None:
+        self.t0 = time.perf_counter()
+        self.cond = threading.Condition()
+        self.started: dict[int, float] = {}
+        self.done: dict[int, CallOutcome] = {}
+        self.abandoned: set[str] = set()  # components whose thread is stuck: their other calls are not run
+
+    def finish(self, cid: int, outcome: CallOutcome) -> None:
+        with self.cond:
+            self.done[cid] = outcome
+            self.cond.notify_all()
 
 
 @dataclass

@@ -69,6 +69,35 @@ class TruncationWatch:
         )
 
 
+@dataclass
+class RewardFailureWatch:
+    """Say once per reward component when it fails (an exception, a timeout, NaN, a wrong
+    type). A failed component gives the sample its fallback and the run goes on, so a plugin
+    failing on every sample would otherwise train the policy on its fallback for the whole
+    run, with only `reward/<name>/fail_count` to show for it."""
+
+    warned: set = field(default_factory=set)
+
+    def update(self, step: int, failures: list[dict[str, str]]) -> list[str]:
+        """Record one step's `RewardResult.failures` (one dict per sample); a warning for each
+        component failing for the first time, naming it, its first cause and its share."""
+        causes: dict[str, list[str]] = {}
+        for f in failures:
+            for name, why in f.items():
+                causes.setdefault(name, []).append(why)
+        out = []
+        for name, whys in sorted(causes.items()):
+            if name in self.warned:
+                continue
+            self.warned.add(name)
+            out.append(
+                f"rl step {step}: reward component {name!r} failed on {len(whys)} of {len(failures)} samples, "
+                f"which got its fallback value instead: {whys[0]} "
+                f"(every step's count: reward/{name}/fail_count; each sample's cause: the rollouts' error)"
+            )
+        return out
+
+
 def length_is_penalised(reward_terms: dict, rewards: dict) -> bool:
     """True when the stack has a weighted length penalty: the `overlong` or `group_length`
     term in `reward_terms`, or a component calling one of them in `rewards`."""

@@ -42,6 +42,7 @@ from rlhf.heldout import HeldoutCurve, curve_summary, curve_table, describe_poin
 from rlhf.health import (
     AnswerCollapseWatch,
     FirstStepCollapseWatch,
+    RewardFailureWatch,
     TruncationWatch,
     answer_key,
     first_step_key,
@@ -51,11 +52,11 @@ from rlhf.health import (
 from sft.state import rng_state, set_rng_state
 from rlhf.curriculum import PromptCurriculum
 from rlhf.placement import RankGroup, check_resources, make_rollout_pool, rank_bundles, spawn, spawn_ranks, start_ray, stop_ray
+from rlhf.reward_config import validate_rewards
 from rlhf.workers import PolicyTrainer, ReferenceWorker, RewardWorker
 from rollout.engine import Completion, GenerationRequest, SamplingParams
 from rollout.store import RolloutRow, RolloutStatus, RolloutStore
 from sft.trainer import lr_at
-from vlrl.errors import RecipeError
 from vlrl.recipe_rl import RlStage
 
 
@@ -85,28 +86,6 @@ class Timer:
             self.seconds[name] += time.perf_counter() - t
 
 
-def validate_rewards(cfg: RlStage, where: str):
-    """The rewards section, checked before anything is loaded."""
-    from rewards.stack import RewardStackConfig
-
-    from rewards.stack import ComponentConfig
-
-    try:
-        stack = RewardStackConfig.model_validate(cfg.rewards)
-    except Exception as e:  # pydantic's message, made one line
-        first = str(e).splitlines()
-        raise RecipeError(f"{where}.rewards: {' '.join(s.strip() for s in first[:3])}") from None
-    if not cfg.reward_terms:
-        return stack
-    clash = sorted(set(cfg.reward_terms) & set(stack.components))
-    if clash:
-        raise RecipeError(f"{where}.reward_terms: {clash} already named in rewards.components; rename the term")
-    # Added on top of the stack as given (its default routing kept): a copy, not a re-validation,
-    # which would read `components` as user-set and drop the default routes.
-    terms = {name: ComponentConfig(fn=t.fn or name, weight=t.weight, args=t.args) for name, t in cfg.reward_terms.items()}
-    return stack.model_copy(update={"components": {**stack.components, **terms}, "always": [*stack.always, *terms]})
-
-
 class Controller:
     def __init__(self, ctx, cfg: RlStage) -> None:
         from rollout.hf_engine import input_only_ids
@@ -117,6 +96,7 @@ class Controller:
         self.ctx, self.cfg, self.placement = ctx, cfg, cfg.placement
         self.last_answers: dict[str, list] = {}  # per task (response answer, reference answer) of the last step
         self.last_first_steps: dict[str, list] = {}  # per task (response's first computation, reference's) of the last step
+        self.last_failures: list[dict[str, str]] = []  # per sample of the last step, RewardResult.failures
         where = f"stages.{ctx.name}"
         reward_cfg = validate_rewards(cfg, where)  # before anything is loaded
         self.seed = ctx.seed()
@@ -282,6 +262,7 @@ class Controller:
             self.store.append(self._rows(s, groups, adv, mask))
         self.last_answers = self._answer_pairs(groups)
         self.last_first_steps = self._first_step_pairs(groups)
+        self.last_failures = [r.failures for g in groups for r in g.results]
         metrics = self._metrics(s, groups, kept, batch, train, adv_metrics, {**trunc, **sampling, **hybrid}, timer, rounds)
         metrics["time/step"] = time.perf_counter() - t0
         self.kl_coef = A.next_kl_coef(cfg.algo.kl, s + 1, self.kl_coef, train.get("actor/kl_loss"), batch.rows, cfg.steps)
@@ -562,7 +543,7 @@ def run_stage(ctx) -> dict:
         watch = TruncationWatch(
             masked=cfg.algo.mask_truncated, penalised=length_is_penalised(cfg.reward_terms, cfg.rewards), max_tokens=cfg.rollout.max_tokens
         )
-        collapse, step_collapse = AnswerCollapseWatch(), FirstStepCollapseWatch()
+        collapse, step_collapse, failing = AnswerCollapseWatch(), FirstStepCollapseWatch(), RewardFailureWatch()
         with _progress(ctx.console) as progress:
             task = progress.add_task("rl", total=cfg.steps, completed=ctl.start, reward=math.nan, tps=0.0)
             if curve is not None and curve.wants(ctl.start):
@@ -574,6 +555,7 @@ def run_stage(ctx) -> dict:
                     watch.update(s + 1, last.get("batch/truncated_frac")),
                     *collapse.update(s + 1, ctl.last_answers),
                     *step_collapse.update(s + 1, ctl.last_first_steps),
+                    *failing.update(s + 1, ctl.last_failures),
                 ]
                 for warning in filter(None, found):
                     warnings.append(warning)

@@ -422,7 +422,7 @@ class RewardWorker:
     """The reward stack (rule rewards in its own process pool, model rewards in-process)."""
 
     def __init__(self, config):
-        """`config`: a validated rewards.stack.RewardStackConfig (rlhf.stage.validate_rewards)."""
+        """`config`: a validated rewards.stack.RewardStackConfig (rlhf.reward_config.validate_rewards)."""
         from rewards.stack import RewardStack
 
         self.stack = RewardStack.from_config(config).start()

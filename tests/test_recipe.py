@@ -120,6 +120,20 @@ def test_invalid_yaml_names_line(tmp_path):
         load_recipe(p)
 
 
+def test_a_key_given_twice_is_refused_not_dropped(tmp_path):
+    """YAML keeps the last of two equal keys: the first reward component would vanish."""
+    p = tmp_path / "dup.yaml"
+    text = TINY.read_text().replace("      default_route: [answer_match, format]\n", "      default_route: [answer_match, format]\n      routing: {arith: [format]}\n")
+    p.write_text(text)
+    line = text.splitlines().index("      routing: {arith: [format]}") + 1
+    with pytest.raises(RecipeError, match=rf"dup.yaml: line {line}: not valid YAML \(key 'routing' given twice in one mapping\)"):
+        load_recipe(p)
+    from vlrl.recipe import UniqueKeyLoader
+
+    merged = yaml.load("base: &b {x: 1, y: 1}\nover: {<<: *b, x: 2}\n", Loader=UniqueKeyLoader)
+    assert merged["over"] == {"x": 2, "y": 1}  # a key brought in by a merge (<<: *sft) may be overridden
+
+
 def test_rl_stage_is_strict(tmp_path):
     raw = _raw()
     raw["stages"]["rl"] = {"from": "pretrain", "data": "data", "steps": 2, "lr": 1e-6}
@@ -148,8 +162,8 @@ def test_fingerprint_changes_with_config():
     assert (c.stage_fingerprint("data"), c.stage_fingerprint("pretrain")) == (a.stage_fingerprint("data"), a.stage_fingerprint("pretrain"))
 
 
-def _cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "vlrl.cli", *args], capture_output=True, text=True, cwd=ROOT)
+def _cli(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "vlrl.cli", *args], capture_output=True, text=True, cwd=cwd)
 
 
 def test_cli_validate_ok_and_errors_in_one_line(tmp_path):
@@ -178,3 +192,55 @@ def test_cli_run_missing_input_is_one_line(tmp_path):
     assert res.returncode == 2
     lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and "stages.rl.from" in lines[0] and "does not exist" in lines[0], res.stderr
+
+
+PLUGIN = "from rewards import reward\n\n\n@reward('has_unit')\ndef has_unit(sample, *, unit: str = 'cm') -> float:\n    return float(unit in sample.response)\n"
+
+
+def test_cli_validate_imports_and_checks_reward_plugins(tmp_path):
+    """A plugin's name, file and options are checked by validate, not when RL starts hours later."""
+    (tmp_path / "mine.py").write_text(PLUGIN)
+
+    def validate(component: dict, **rl) -> subprocess.CompletedProcess:
+        raw = _raw()
+        raw["stages"]["rl"]["rewards"] = {"components": {"acc": {"fn": "answer_match"}, "units": component}}
+        raw["stages"]["rl"].update(rl)
+        p = tmp_path / "r.yaml"
+        p.write_text(yaml.safe_dump(raw, sort_keys=False))
+        return _cli("validate", str(p), cwd=tmp_path)  # relative plugin files: from the directory run in
+
+    ok = validate({"fn": "mine.py:has_unit", "args": {"unit": "mm"}})
+    assert ok.returncode == 0, ok.stderr
+    assert "stages.rl rewards: acc (answer_match), units (mine.py:has_unit)" in " ".join(ok.stdout.split())
+    for component, message in [
+        ({"fn": "mine.py:has_unitz"}, "'mine.py' has no attribute 'has_unitz'"),
+        ({"fn": "nope.py:has_unit"}, "reward plugin file 'nope.py' does not exist"),
+        ({"fn": "has_units"}, "unknown reward plugin 'has_units'"),
+        ({"fn": "mine.py:has_unit", "args": {"units": "mm"}}, "unknown option(s) ['units']; it accepts ['unit']"),
+        ({"fn": "mine.py:has_unit", "wieght": 2}, "stages.rl.rewards.components.units.wieght: extra inputs are not permitted"),
+        ({"fn": "overlong", "args": {"max_length": 4, "cache": 8}}, "need 0 < cache <= max_length"),
+    ]:
+        res = validate(component)
+        lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
+        assert res.returncode == 2 and len(lines) == 1, res.stderr
+        assert "r.yaml: stages.rl.rewards." in lines[0] and message in lines[0], lines[0]
+    res = validate({"fn": "mine.py:has_unit"}, reward_terms={"overlong": {"weight": 1.0, "args": {"max_length": 4, "cache": 8}}})
+    assert res.returncode == 2 and "r.yaml: stages.rl.reward_terms.overlong: " in res.stderr and "cache <= max_length" in res.stderr, res.stderr
+
+
+def test_run_checks_reward_plugins_before_any_stage(tmp_path):
+    from vlrl.runner import run_recipe
+
+    run_dir = tmp_path / "run"
+    (run_dir / "rl").mkdir(parents=True)  # an earlier rl output, which --force would move aside
+    raw = {
+        "name": "t",
+        "run_dir": str(run_dir),
+        "stages": {
+            "data": {"n": 20, "n_eval": 5},
+            "rl": {"from": str(tmp_path), "data": "data", "steps": 1, "rewards": {"components": {"x": {"fn": "no_such_plugin"}}}},
+        },
+    }
+    with pytest.raises(RecipeError, match=r"^stages\.rl\.rewards\.components\.x: unknown reward plugin 'no_such_plugin'"):
+        run_recipe(validate_recipe(raw), force=["rl"])
+    assert not (run_dir / "data").exists() and (run_dir / "rl").is_dir()

@@ -1,5 +1,5 @@
-"""The RL health warnings (rlhf/health.py): masked-truncation runaway and answer collapse,
-when they speak, when they stay quiet, and that a stage reports them (DONE summary,
+"""The RL health warnings (rlhf/health.py): masked-truncation runaway, answer collapse and
+failing reward plugins, when they speak, when they stay quiet, and that a stage reports them (DONE summary,
 per-step metrics)."""
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import pytest
 from rlhf.health import (
     AnswerCollapseWatch,
     FirstStepCollapseWatch,
+    RewardFailureWatch,
     TruncationWatch,
     answer_key,
     first_step_key,
@@ -230,3 +231,29 @@ def test_a_stage_reports_a_collapse_in_its_summary(start, tmp_path, monkeypatch,
     warnings = json.loads((out / "DONE.json").read_text())["summary"]["warnings"]
     collapses = [w for w in warnings if " responses of the last " in w]
     assert len(collapses) == 1 and collapses[0].startswith(said)
+
+
+def test_a_failing_reward_component_is_named_once_with_its_cause_and_share():
+    w = RewardFailureWatch()
+    said = w.update(1, [{"mine": "ValueError: boom"}, {}, {"mine": "ValueError: boom", "judge": "timeout: no result within 5s"}, {}])
+    assert said == [
+        "rl step 1: reward component 'judge' failed on 1 of 4 samples, which got its fallback value instead: timeout: no result within 5s "
+        "(every step's count: reward/judge/fail_count; each sample's cause: the rollouts' error)",
+        "rl step 1: reward component 'mine' failed on 2 of 4 samples, which got its fallback value instead: ValueError: boom "
+        "(every step's count: reward/mine/fail_count; each sample's cause: the rollouts' error)",
+    ]
+    assert w.update(2, [{"mine": "ValueError: boom"}]) == [] and w.update(3, [{}]) == []
+
+
+def test_a_stage_whose_reward_plugin_fails_says_so_and_finishes(start, tmp_path, capsys):
+    """The failing plugin costs its own value, not the run: the stage completes, and the
+    console and DONE.json name the component and the cause once."""
+    plugin = tmp_path / "mine.py"
+    plugin.write_text("def boom(sample) -> float:\n    raise ValueError('boom in my plugin')\n")
+    data, ckpt = start
+    rewards = {"workers": 0, "components": {"acc": {"fn": "answer_match"}, "mine": {"fn": f"{plugin}:boom"}}}
+    out = _run(rl_recipe(tmp_path / "fails", data, ckpt, steps=2, rewards=rewards))
+    warnings = json.loads((out / "DONE.json").read_text())["summary"]["warnings"]
+    failed = [w for w in warnings if "reward component" in w]
+    assert len(failed) == 1 and failed[0].startswith("rl step 1: reward component 'mine' failed on 16 of 16 samples")
+    assert "ValueError: boom in my plugin" in failed[0] and "reward component 'mine'" in capsys.readouterr().out

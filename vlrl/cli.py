@@ -41,11 +41,14 @@ OverridesArg = typer.Argument(None, help="dotted overrides, e.g. pretrain.optim.
 
 @app.command()
 def validate(recipe: Path, overrides: Optional[list[str]] = OverridesArg) -> None:
-    """Check a recipe (keys, types, stage references) without running anything."""
-    from vlrl.recipe import BUILT_KINDS, load_recipe
+    """Check a recipe (keys, types, stage references, reward plugins) without running anything."""
+    from vlrl.recipe import BUILT_KINDS, check_stages, load_recipe
 
     r = load_recipe(recipe, overrides or [])
+    notes = check_stages(r, source=str(recipe))
     console.print(f"[green]ok[/]: {recipe} — {len(r.stages)} stage(s): " + " -> ".join(f"{n} ({s.kind})" for n, s in r.stages.items()))
+    for note in notes:
+        console.print(note, highlight=False)
     for n, s in r.stages.items():
         if s.kind not in BUILT_KINDS:
             console.print(f"[yellow]note[/]: stage {n!r} has kind {s.kind!r}, which is not available yet in this version; `vlrl run` will stop there")
@@ -72,12 +75,13 @@ def run(
 @app.command()
 def stage(name: str, recipe: Path, overrides: Optional[list[str]] = OverridesArg) -> None:
     """Run one stage of a recipe (its inputs must be complete)."""
-    from vlrl.recipe import load_recipe
+    from vlrl.recipe import check_stages, load_recipe
     from vlrl.runner import run_stage
 
     r = load_recipe(recipe, overrides or [])
     if name not in r.stages:
         raise VlrlError(f"{recipe}: no stage named {name!r} (stages: {', '.join(r.stages)})")
+    check_stages(r, [name], source=str(recipe))
     run_stage(r, name, console=console)
 
 

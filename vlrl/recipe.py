@@ -13,6 +13,7 @@ raw mapping first and validated together with it.
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
@@ -312,12 +313,59 @@ def validate_recipe(raw: Any, source: str = "<recipe>") -> Recipe:
     return recipe
 
 
+# Checks of what a stage's schema passes through unchecked (the RL stage's reward plugins),
+# run by `vlrl validate` and before any stage starts: `check(stage config, "stages.<name>") -> lines to show`.
+STAGE_CHECKS: dict[str, str] = {
+    "rl": "rlhf.reward_config:check_stage",
+}
+
+
+def check_stages(recipe: Recipe, names: list[str] | None = None, source: str | None = None) -> list[str]:
+    """The STAGE_CHECKS of the named stages (default: all); a RecipeError names the key (and
+    `source`, the recipe file, when given)."""
+    notes = []
+    for name in recipe.stages if names is None else names:
+        st = recipe.stages[name]
+        if st.kind in STAGE_CHECKS:
+            module, fn = STAGE_CHECKS[st.kind].split(":")
+            try:
+                notes += getattr(importlib.import_module(module), fn)(st, f"stages.{name}")
+            except RecipeError as e:
+                if source is None:
+                    raise
+                raise RecipeError(f"{source}: {e}") from None
+    return notes
+
+
+class UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses a key given twice in one mapping. PyYAML keeps the last one
+    silently, so a second `units:` under an RL stage's rewards.components dropped the first
+    component without a word. Keys brought in by a merge (`<<: *sft`) may still be overridden."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=True)
+            try:
+                dup = key in seen
+                seen.add(key)
+            except TypeError:  # an unhashable key: the constructor reports it
+                continue
+            if dup:
+                raise yaml.constructor.ConstructorError(
+                    "while constructing a mapping", node.start_mark, f"key {key!r} given twice in one mapping", key_node.start_mark
+                )
+        return super().construct_mapping(node, deep=deep)
+
+
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     path = Path(path)
     if not path.is_file():
         raise RecipeError(f"{path}: recipe file not found")
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = yaml.load(path.read_text(), Loader=UniqueKeyLoader)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""

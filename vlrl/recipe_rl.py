@@ -1,9 +1,10 @@
 """Config of the RL stage (kept apart from vlrl/recipe.py: one stage kind per module).
 
-Everything here is checked at `vlrl validate`, before any compute, except the `rewards`
-section: its schema belongs to `rewards/` (which the kernel must not import), so it is
-passed through as a mapping and validated by `RewardStack.from_config` as the stage
-starts, before any model is loaded. See docs/rl-stage.md for every key.
+Everything here is checked at `vlrl validate`, before any compute. The `rewards` section's
+schema belongs to `rewards/` (which the kernel must not import), so it is passed through as
+a mapping here and checked, plugins included, by `rlhf.reward_config.check_stage`, which
+`vlrl validate` and `vlrl run` reach through `vlrl.recipe.STAGE_CHECKS`. See
+docs/rl-stage.md for every key.
 """
 
 from __future__ import annotations

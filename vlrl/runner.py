@@ -20,7 +20,7 @@ from rich.console import Console
 
 from vlrl.device import DeviceSpec, resolve_device
 from vlrl.errors import NotAvailableYet, VlrlError
-from vlrl.recipe import BUILT_KINDS, DataStage, EvalSpec, Recipe
+from vlrl.recipe import BUILT_KINDS, DataStage, EvalSpec, Recipe, check_stages
 from vlrl.tracking import Tracker
 
 STAGE_IMPLS: dict[str, str] = {
@@ -201,6 +201,7 @@ def run_recipe(recipe: Recipe, *, console: Console | None = None, force: list[st
     (base / "recipe.resolved.json").write_text(recipe.model_dump_json(indent=2, by_alias=True))
     results: dict[str, dict] = {}
     to_run: list[str] = []
+    replaced: list[str] = []
     for name in recipe.stages:
         if only and name not in only:
             continue
@@ -214,11 +215,15 @@ def run_recipe(recipe: Recipe, *, console: Console | None = None, force: list[st
             results[name] = done
             continue
         if name in (force or []) and stage_dir.exists():
-            # Keep the old output beside the new one rather than deleting work.
-            moved = stage_dir.with_name(f"{name}.replaced-{int(time.time())}")
-            stage_dir.rename(moved)
-            console.print(f"[yellow]stage {name}: --force, previous output moved to {moved}[/]")
+            replaced.append(name)
         to_run.append(name)
+    # Before any stage starts (hours before RL, say) and before --force moves output aside.
+    check_stages(recipe, to_run)
+    for name in replaced:
+        # Keep the old output beside the new one rather than deleting work.
+        moved = (base / name).with_name(f"{name}.replaced-{int(time.time())}")
+        (base / name).rename(moved)
+        console.print(f"[yellow]stage {name}: --force, previous output moved to {moved}[/]")
     if recipe.parallel > 1 and len(to_run) > 1:
         from vlrl.stage_pool import run_parallel
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import subprocess
 import sys
 from pathlib import Path
 
@@ -107,6 +108,32 @@ def test_name_clash_is_an_error():
                 return 2.0
 
 
+def test_plugin_taking_a_builtin_name_is_refused_at_its_own_import(tmp_path):
+    """In a fresh process (built-ins not loaded yet), the clash names the user's file and
+    component, not the built-in's import and an unrelated component."""
+    f = tmp_path / "mine.py"
+    f.write_text("from rewards import reward\n\n@reward('format')\ndef myformat(sample) -> float:\n    return 1.0\n")
+    code = (
+        "from rewards import RewardStack\n"
+        "try:\n"
+        f"    RewardStack.from_config({{'components': {{'mine': {str(f) + ':myformat'!r}, 'acc': 'math_accuracy'}}, 'workers': 0}})\n"
+        "except Exception as e:\n"
+        "    print(e)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.startswith("rewards.components.mine: ") and f"{f}:myformat" in out.stdout, out.stdout
+    assert "already taken by rewards.rules:format_reward" in out.stdout, out.stdout
+
+
+def test_load_errors_name_the_plugin_file(tmp_path):
+    f = tmp_path / "sig.py"
+    f.write_text("from rewards import reward\n\n@reward('sig_plugin')\ndef noargs():\n    return 1.0\n")
+    with REGISTRY.scoped(), pytest.raises(PluginError) as e:
+        REGISTRY.resolve(f"{f}:noargs")
+    assert f"({f}:noargs)" in str(e.value) and "vlrl_reward_plugin" not in str(e.value)
+
+
 # ---- finding plugins
 
 
@@ -127,6 +154,26 @@ def test_unknown_name_lists_known_ones():
         REGISTRY.resolve("rewards.rules:nope")
     with pytest.raises(PluginError, match="does not exist"):
         REGISTRY.resolve("missing/file.py:f")
+
+
+def test_module_form_for_a_file_here_points_at_the_file_form(tmp_path, monkeypatch):
+    (tmp_path / "here_rewards.py").write_text("def f(sample):\n    return 1.0\n")
+    monkeypatch.chdir(tmp_path)  # as the `vlrl` command sees it: the current directory is not on sys.path
+    with pytest.raises(PluginError) as e:
+        REGISTRY.resolve("here_rewards:f")
+    assert "No module named 'here_rewards'" in str(e.value) and "name the file instead: here_rewards.py:f" in str(e.value)
+    assert REGISTRY.resolve("here_rewards.py:f").make_callable({})(RewardSample(response="x")) == 1.0
+
+
+def test_a_plugin_file_imports_the_modules_beside_it(tmp_path, monkeypatch):
+    (tmp_path / "plug").mkdir()
+    (tmp_path / "plug" / "beside_helpers.py").write_text("def half(sample):\n    return 0.5\n")
+    (tmp_path / "plug" / "beside.py").write_text("from beside_helpers import half\n\ndef f(sample):\n    return half(sample)\n")
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    spec = REGISTRY.resolve(f"{tmp_path / 'plug' / 'beside.py'}:f")
+    assert spec.make_callable({})(RewardSample(response="x")) == 0.5
+    assert sys.path[-1] == str(tmp_path / "plug")  # after the installed packages
+    sys.modules.pop("beside_helpers", None)
 
 
 def test_entry_point_group(tmp_path, monkeypatch):

@@ -64,6 +64,20 @@ def test_cli_list_and_errors(tmp_path):
     assert res.exit_code == 1
 
 
+def test_cli_stack_config_errors_are_one_line(tmp_path):
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"response": "x", "answer": "x"}\n')
+    for name, text, said in [
+        ("broken.yaml", "components:\n  a: {fn: format\n", "broken.yaml: line 3: not valid YAML"),
+        ("twice.yaml", "components:\n  a: {fn: format}\n  a: {fn: exact_match}\n", "twice.yaml: line 3: not valid YAML (key 'a' given twice"),
+        ("broken.json", '{"components": ', "broken.json: line 1: not valid JSON"),
+        ("recipe.yaml", "name: r\nstages:\n  rl: {rewards: {}}\n", "recipe.yaml: a recipe, not a stack config"),
+    ]:
+        (tmp_path / name).write_text(text)
+        res = CliRunner().invoke(app, ["test", str(tmp_path / name), "--data", str(data), "--workers", "0"])
+        assert res.exit_code == 1 and said in " ".join(res.output.split()), res.output
+
+
 def test_cli_reads_records_and_reports_failures(tmp_path):
     hostile = Path(__file__).with_name("rewards_hostile_corpus.py")
     data = tmp_path / "d.jsonl"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -67,6 +68,12 @@ def test_default_config_is_the_task_world_stack():
 def test_config_errors_name_the_problem(cfg, msg):
     with pytest.raises(RecipeError, match=msg):
         RewardStack.from_config(cfg)
+
+
+def test_schema_errors_are_one_line_naming_the_key():
+    with pytest.raises(RecipeError) as e:
+        RewardStack.from_config({"components": {"a": {"fn": "format", "wieght": 1}}, "timeout": 0})
+    assert str(e.value) == "rewards.components.a.wieght: extra inputs are not permitted [+1 more error(s)]"
 
 
 def test_unknown_record_component_is_a_data_error():
@@ -146,6 +153,54 @@ def test_async_and_batched_plugins_in_process():
         rs = st.score([S("x"), S("xyz"), S("hello")])
     assert [r.components["a"] for r in rs] == [0.25] * 3
     assert [r.components["b"] for r in rs] == [1.0, 3.0, 5.0]
+
+
+HANGS = """
+import asyncio, time
+from rewards import reward
+
+@reward(register=False)
+async def blocks_loop(sample) -> float:
+    if sample.response == "stuck":
+        await asyncio.sleep(0.1)
+        time.sleep(3600)  # blocks the event loop: asyncio's own timeout cannot fire
+    return 1.0
+
+@reward(register=False, isolate=False)
+def hangs_in_process(sample) -> float:
+    if sample.response == "stuck":
+        time.sleep(3600)
+    return 1.0
+
+@reward(register=False, kind="model")
+def slow_model(sample) -> float:
+    time.sleep(2.0)  # a first call loading its model
+    return 0.5
+"""
+
+
+@pytest.mark.timeout(60)
+def test_in_process_plugins_that_hang_fail_at_their_timeout(tmp_path):
+    f = tmp_path / "hangs.py"
+    f.write_text(HANGS)
+    with local({"components": {"loop": f"{f}:blocks_loop", "thread": f"{f}:hangs_in_process"}, "timeout": 0.5}) as st:
+        t0 = time.perf_counter()
+        fine, stuck, after = st.score([S("fine"), S("stuck"), S("after")])
+        assert time.perf_counter() - t0 < 5
+        assert fine.components == {"loop": 1.0, "thread": 1.0} and not fine.failures
+        assert "timeout" in stuck.failures["loop"] and "event loop" in stuck.failures["loop"] and "isolate: true" in stuck.failures["loop"]
+        assert "timeout" in stuck.failures["thread"] and "isolate: true" in stuck.failures["thread"]
+        assert after.components["loop"] == 1.0 and "not run" in after.failures["thread"]
+        again = st.score([S("fine")])[0]  # a fresh loop and thread: the stack goes on
+        assert again.components == {"loop": 1.0, "thread": 1.0}
+
+
+def test_sync_model_plugins_are_waited_for_past_the_timeout(tmp_path):
+    f = tmp_path / "hangs.py"
+    f.write_text(HANGS)
+    with local({"components": {"rm": f"{f}:slow_model"}, "timeout": 0.5}) as st:
+        r = st.score([S("x")])[0]
+    assert r.components == {"rm": 0.5} and not r.failures
 
 
 def test_isolated_plugins_run_in_the_pool_processes():

@@ -136,3 +136,23 @@ def test_curves_tab_draws_the_heldout_curve(tmp_path, browser):
         other = page.locator("#plots img[alt='accuracy (metrics.jsonl)']")
         assert other.count() == 0 or "heldout" not in other.get_attribute("src")
         assert not errors, errors
+
+
+def test_reset_clears_every_filter_and_lists_all_rollouts_again(tmp_path, browser):
+    run = write_demo_run(tmp_path / "run", steps=3, groups=3, group_size=4)
+    with running(create_app(run)) as url:
+        page, errors = open_page(browser, url)
+        page.select_option("#f-task", "arith")
+        page.select_option("#f-comp", "answer_match")
+        page.fill("#f-comp-min", "1")
+        page.select_option("#f-sort", "length")
+        page.uncheck("#f-desc")
+        page.click("#apply")
+        page.wait_for_function("!document.querySelector('#page-info').textContent.endsWith('of 36')")
+
+        page.get_by_role("button", name="Reset").click()
+        page.wait_for_function("document.querySelector('#page-info').textContent === '1–36 of 36'", timeout=5_000)
+        filters = page.evaluate("['#f-task', '#f-comp', '#f-comp-min', '#f-sort'].map(s => document.querySelector(s).value)")
+        assert filters == ["", "", "", "total_reward"]  # the sort the page opens with
+        assert page.locator("#f-desc").is_checked()
+        assert not errors, errors

@@ -133,7 +133,7 @@ function fillFilterChoices() {
   const sortSel = $("#f-sort");
   const v = sortSel.value || "total_reward";
   sortSel.replaceChildren(
-    ...sorts.map((s) => el("option", { value: s }, s)),
+    ...sorts.map((s) => el("option", { value: s, selected: s === "total_reward" }, s)), // what Reset returns to
     ...state.info.components.map((c) => el("option", { value: "components." + c }, "component: " + c)),
   );
   sortSel.value = [...sortSel.options].some((o) => o.value === v) ? v : "total_reward";
@@ -394,7 +394,8 @@ async function main() {
   document.querySelectorAll(".tab").forEach((b) => b.addEventListener("click", () => showTab(b.dataset.tab)));
   $("#stage").addEventListener("change", () => selectStage().catch((e) => showError(e.message)));
   $("#filters").addEventListener("submit", (ev) => { ev.preventDefault(); applyFilters(); });
-  $("#reset").addEventListener("click", () => { $("#filters").reset(); applyFilters(); });
+  // The button's id must not be "reset": a form's named controls shadow its methods (form.reset).
+  $("#f-reset").addEventListener("click", () => { $("#filters").reset(); applyFilters(); });
   $("#prev").addEventListener("click", () => { state.offset = Math.max(0, state.offset - PAGE); loadRows(); });
   $("#next").addEventListener("click", () => { if (state.offset + PAGE < state.total) { state.offset += PAGE; loadRows(); } });
   $("#group-close").addEventListener("click", () => ($("#group").hidden = true));

@@ -156,3 +156,27 @@ def test_reset_clears_every_filter_and_lists_all_rollouts_again(tmp_path, browse
         assert filters == ["", "", "", "total_reward"]  # the sort the page opens with
         assert page.locator("#f-desc").is_checked()
         assert not errors, errors
+
+
+def test_a_stage_without_rollouts_shows_none_of_the_previous_stages_rollout_views(tmp_path, browser):
+    import json
+
+    run = write_demo_run(tmp_path / "run", steps=3, groups=2, group_size=2)
+    recipe = json.loads((run / "recipe.resolved.json").read_text())
+    recipe["stages"] = {"sft": {"kind": "sft"}, **recipe["stages"]}
+    (run / "recipe.resolved.json").write_text(json.dumps(recipe))
+    (run / "sft").mkdir()
+    (run / "sft" / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "train/loss": 1.0 / s}) + "\n" for s in range(1, 4)))
+    with running(create_app(run)) as url:
+        page, errors = open_page(browser, url)
+        assert page.locator("#stage").input_value() == "rl"
+        page.select_option("#stage", "sft")
+        page.wait_for_function("document.querySelector('#page-info').textContent === 'this stage has no rollout store'")
+        assert page.locator("#steps-count").inner_text() == ""
+        assert page.locator("#steps th").count() == 0 and page.locator("#rows th").count() == 0  # rl's columns are gone
+
+        page.click("button.tab[data-tab='curves']")
+        page.wait_for_function("[...document.querySelectorAll('#plots img')].some(i => i.alt === 'loss')")
+        alts = page.eval_on_selector_all("#plots img", "imgs => imgs.map(i => i.alt)")
+        assert alts == ["loss"]  # no empty rollout plots left over from rl
+        assert not errors, errors

@@ -86,8 +86,10 @@ async function refresh(force = false) {
       await Promise.all([loadSteps(), loadRows()]);
     }
   } else {
-    $("#steps tbody").replaceChildren();
-    $("#rows tbody").replaceChildren();
+    // nothing of the last stage's store may stay: its columns, its step count, its rollout plots
+    state.info = null;
+    $("#steps-count").textContent = "";
+    for (const part of ["#steps thead", "#steps tbody", "#rows thead", "#rows tbody"]) $(part).replaceChildren();
     $("#page-info").textContent = "this stage has no rollout store";
   }
   const metricsSize = (await api(stagePath("metrics"))).rows.length;
@@ -300,15 +302,14 @@ async function loadPlots() {
   const chosen = new Set([...sel.selectedOptions].map((o) => o.value));
   sel.replaceChildren(...m.keys.map((k) => el("option", { value: k, selected: chosen.has(k) }, k)));
   const bust = Date.now();
-  $("#plots").replaceChildren(
-    ...plotSets()
-      .filter((s) => s.keys.length)
-      .map((s) => {
-        const p = new URLSearchParams({ title: s.title, _: bust });
-        s.keys.forEach((k) => p.append("key", k));
-        return el("img", { src: stagePath("plot.svg?" + p), alt: s.title, title: s.title });
-      }),
-  );
+  const plots = plotSets()
+    .filter((s) => s.keys.length)
+    .map((s) => {
+      const p = new URLSearchParams({ title: s.title, _: bust });
+      s.keys.forEach((k) => p.append("key", k));
+      return el("img", { src: stagePath("plot.svg?" + p), alt: s.title, title: s.title });
+    });
+  $("#plots").replaceChildren(...(plots.length ? plots : [el("p", { class: "muted" }, "nothing to plot: this stage has no rollout store and no numbers in metrics.jsonl")]));
 }
 
 // ------------------------------------------------------------------ eval

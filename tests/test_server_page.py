@@ -180,3 +180,15 @@ def test_a_stage_without_rollouts_shows_none_of_the_previous_stages_rollout_view
         alts = page.eval_on_selector_all("#plots img", "imgs => imgs.map(i => i.alt)")
         assert alts == ["loss"]  # no empty rollout plots left over from rl
         assert not errors, errors
+
+
+def test_a_run_that_has_no_stage_yet_says_so_and_shows_the_first_one_when_it_appears(tmp_path, browser):
+    run = tmp_path / "run"
+    run.mkdir()
+    with running(create_app(run)) as url:
+        page, errors = open_page(browser, url)
+        assert page.locator("#page-info").inner_text() == "this run has no stage output yet"
+        write_demo_run(run, steps=2, groups=2, group_size=2)  # the run starts writing
+        page.wait_for_function("document.querySelector('#page-info').textContent === '1–8 of 8'", timeout=15_000)
+        assert page.locator("#stage").input_value() == "rl"
+        assert not errors, errors

@@ -72,7 +72,10 @@ async function selectStage() {
 }
 
 async function refresh(force = false) {
-  if (!state.stage) return;
+  if (!state.stage) {
+    $("#page-info").textContent = "this run has no stage output yet";
+    return;
+  }
   const stage = state.run.stages.find((s) => s.name === state.stage);
   let changedStore = false;
   if (stage && stage.rollouts) {
@@ -383,7 +386,9 @@ async function poll() {
   if ($("#live-updates").checked && document.visibilityState === "visible") {
     try {
       await loadRun();
-      await refresh(false);
+      // the first stage of a run that had none: loadRun selected it, open it
+      if (!state.stage && $("#stage").value) await selectStage();
+      else await refresh(false);
     } catch (e) {
       showError(e.message);
     }

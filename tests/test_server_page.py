@@ -192,3 +192,15 @@ def test_a_run_that_has_no_stage_yet_says_so_and_shows_the_first_one_when_it_app
         page.wait_for_function("document.querySelector('#page-info').textContent === '1–8 of 8'", timeout=15_000)
         assert page.locator("#stage").input_value() == "rl"
         assert not errors, errors
+
+
+def test_a_long_run_keeps_the_filters_and_listing_in_view(tmp_path, browser):
+    run = write_demo_run(tmp_path / "run", steps=80, groups=1, group_size=2)
+    with running(create_app(run)) as url:
+        page, errors = open_page(browser, url)
+        assert page.locator("#steps tbody tr").count() == 80
+        viewport = page.viewport_size["height"]
+        # the steps table scrolls in its own box instead of pushing everything below it off screen
+        assert page.locator("#filters").bounding_box()["y"] < viewport / 2
+        assert page.locator("#rows tbody tr").first.bounding_box()["y"] < viewport
+        assert not errors, errors

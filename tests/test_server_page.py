@@ -204,3 +204,23 @@ def test_a_long_run_keeps_the_filters_and_listing_in_view(tmp_path, browser):
         assert page.locator("#filters").bounding_box()["y"] < viewport / 2
         assert page.locator("#rows tbody tr").first.bounding_box()["y"] < viewport
         assert not errors, errors
+
+
+def test_a_mean_that_rounds_to_zero_is_shown_without_a_minus_sign(tmp_path, browser):
+    import random
+
+    from rollout.server.demo import demo_rows
+    from rollout.store import RolloutStore
+
+    run = write_demo_run(tmp_path / "run", steps=1, groups=1, group_size=3)
+    rows = demo_rows(1, 1, 3, random.Random(0))
+    for r, a in zip(rows, (-0.1, -0.2, 0.3)):  # mean -1.9e-17, as GRPO's advantages come out
+        r.advantage = a
+    with RolloutStore.in_dir(run / "rl") as s:
+        s.append(rows)
+    with running(create_app(run)) as url:
+        page, errors = open_page(browser, url)
+        header = page.eval_on_selector_all("#steps thead th", "ths => ths.map(t => t.textContent)")
+        first = page.eval_on_selector_all("#steps tbody tr:first-child td", "tds => tds.map(t => t.textContent)")
+        assert first[0] == "1" and first[header.index("advantage")] == "0.000"
+        assert not errors, errors

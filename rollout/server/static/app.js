@@ -21,7 +21,11 @@ function el(tag, attrs = {}, ...children) {
 
 function fmt(v, digits = 3) {
   if (v === null || v === undefined) return "—";
-  if (typeof v === "number") return Number.isInteger(v) ? String(v) : v.toFixed(digits);
+  if (typeof v === "number") {
+    if (Number.isInteger(v)) return String(v);
+    const s = v.toFixed(digits);
+    return /^-0\.0*$/.test(s) ? s.slice(1) : s; // a mean of -1e-17 (a float sum of advantages) is 0, not "-0.000"
+  }
   return String(v);
 }
 

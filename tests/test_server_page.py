@@ -224,3 +224,35 @@ def test_a_mean_that_rounds_to_zero_is_shown_without_a_minus_sign(tmp_path, brow
         first = page.eval_on_selector_all("#steps tbody tr:first-child td", "tds => tds.map(t => t.textContent)")
         assert first[0] == "1" and first[header.index("advantage")] == "0.000"
         assert not errors, errors
+
+
+def test_live_tab_shows_each_components_weighted_contribution(tmp_path, browser):
+    import json
+
+    from vlrl.data.synth import corpus_texts
+    from vlrl.model.tiny import init_tiny_model
+
+    run = write_demo_run(tmp_path / "run", steps=1, groups=1, group_size=2)
+    init_tiny_model(run / "rl" / "checkpoint", corpus_texts(0, 200), preset="micro", seed=0)
+    recipe = json.loads((run / "recipe.resolved.json").read_text())
+    recipe["stages"]["rl"]["rewards"] = {"components": {"acc": {"fn": "answer_match"}, "fmt": {"fn": "format", "weight": 0.5}}, "workers": 0}
+    (run / "recipe.resolved.json").write_text(json.dumps(recipe))
+    with running(create_app(run, device="cpu")) as url:
+        page, errors = open_page(browser, url)
+        page.click("button.tab[data-tab='live']")
+        page.fill("#live-answer", "7")
+        page.fill("#live-n", "2")
+        page.fill("#live-max", "4")
+        with page.expect_response("**/api/live/generate") as resp:
+            page.click("#live-go")
+        out = resp.value.json()
+        page.wait_for_selector("#live-samples .sample-card")
+        cards = page.locator("#live-samples .sample-card")
+        assert cards.count() == 2
+        for i, s in enumerate(out["samples"]):
+            assert cards.nth(i).locator(".contributions").count() == 1
+            shown = cards.nth(i).locator(".contributions").inner_text()
+            assert set(s["contributions"]) == {"acc", "fmt"}
+            for name, v in s["contributions"].items():
+                assert f"{name} {v:+.3f}" in shown, (shown, s["contributions"])
+        assert not errors, errors

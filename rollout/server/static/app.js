@@ -257,14 +257,18 @@ function compareTable(table, components, samples) {
   );
 }
 
-function card(title, text, components, facts) {
+// `contributions` (live samples): each component's weighted share of the total, the
+// reason a total differs from the sum of the bars.
+function card(title, text, components, facts, contributions = null) {
   const values = Object.values(components).filter((v) => typeof v === "number");
   const scale = Math.max(1, ...values.map(Math.abs));
+  const signed = (v) => (v < 0 ? "-" : "+") + Math.abs(v).toFixed(3);
   return el(
     "div",
     { class: "card sample-card" },
     el("h4", {}, el("span", {}, title), el("span", {}, facts.map(([k, v]) => `${k} ${fmt(v)}`).join(" · "))),
     el("div", { class: "response" }, text),
+    contributions ? el("div", { class: "contributions muted" }, "weighted: " + (Object.entries(contributions).map(([k, v]) => `${k} ${signed(v)}`).join(" · ") || "none")) : [],
     ...Object.entries(components).map(([name, v]) =>
       el(
         "div",
@@ -369,7 +373,7 @@ async function liveGenerate(ev) {
     status.textContent = `${r.samples.length} samples from ${r.checkpoint} (policy version ${r.policy_version}); rewards: ${r.reward_source} stack; generate ${fmt(r.seconds_generate, 2)} s, score ${fmt(r.seconds_score, 2)} s`;
     compareTable($("#live-components"), r.components, r.samples.map((s) => ({ label: `#${s.index}`, components: s.components, total: s.total, length: s.tokens })));
     $("#live-samples").replaceChildren(
-      ...r.samples.map((s) => card(`#${s.index}`, s.text, s.components, [["total", s.total], ["tokens", s.tokens], ["correct", s.correct], ...Object.entries(s.failures).map(([k, v]) => [k + " failed", v])])),
+      ...r.samples.map((s) => card(`#${s.index}`, s.text, s.components, [["total", s.total], ["tokens", s.tokens], ["correct", s.correct], ...Object.entries(s.failures).map(([k, v]) => [k + " failed", v])], s.contributions)),
     );
   } catch (e) {
     status.textContent = e.message;

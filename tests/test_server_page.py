@@ -256,3 +256,14 @@ def test_live_tab_shows_each_components_weighted_contribution(tmp_path, browser)
             for name, v in s["contributions"].items():
                 assert f"{name} {v:+.3f}" in shown, (shown, s["contributions"])
         assert not errors, errors
+
+
+def test_live_prompt_box_spans_two_columns_of_the_form(tmp_path, browser):
+    run = write_demo_run(tmp_path / "run", steps=1, groups=1, group_size=2)
+    with running(create_app(run)) as url:
+        page, errors = open_page(browser, url)
+        page.click("button.tab[data-tab='live']")
+        prompt = page.locator("#live-prompt").bounding_box()["width"]
+        one_column = page.locator("#live-answer").bounding_box()["width"]
+        assert prompt > 1.8 * one_column, (prompt, one_column)
+        assert not errors, errors

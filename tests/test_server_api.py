@@ -108,6 +108,15 @@ def test_user_errors_are_4xx_with_a_message(client):
         assert text in r.json()["detail"], (path, r.json())
 
 
+def test_a_bound_that_is_not_a_number_is_refused_not_matched_against_nothing(client):
+    for params in [{"reward_min": "nan"}, {"advantage_max": "NaN"}, {"comp": "answer_match:nan:"}, {"comp": "answer_match::nan"}]:
+        r = client.get("/api/stages/rl/rollouts", params=params)
+        assert r.status_code == 400, (params, r.status_code, r.text)
+        assert "not a number" in r.json()["detail"], r.json()
+    # infinite bounds are bounds: everything is above -inf
+    assert client.get("/api/stages/rl/rollouts", params={"reward_min": "-inf", "limit": 1}).json()["total"] == 48
+
+
 def test_only_images_inside_the_run_directory_are_served(client, run, tmp_path):
     secret = tmp_path / "secret.png"
     Image.new("RGB", (4, 4)).save(secret)

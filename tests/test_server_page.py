@@ -267,3 +267,17 @@ def test_live_prompt_box_spans_two_columns_of_the_form(tmp_path, browser):
         one_column = page.locator("#live-answer").bounding_box()["width"]
         assert prompt > 1.8 * one_column, (prompt, one_column)
         assert not errors, errors
+
+
+def test_opening_the_page_logs_no_console_error(tmp_path, browser):
+    """A 404 for the browser's own /favicon.ico request was an error in every user's console."""
+    run = write_demo_run(tmp_path / "run", steps=1, groups=1, group_size=2)
+    with running(create_app(run)) as url:
+        page = browser.new_page()
+        failed: list[str] = []  # the favicon request is the browser's, seen only as a console error
+        page.on("console", lambda m: failed.append(f"{m.text} {m.location.get('url')}") if m.type == "error" else None)
+        page.goto(url + "/")
+        page.wait_for_selector("body[data-ready='1']", timeout=10_000)
+        page.wait_for_load_state("networkidle")
+        page.wait_for_timeout(500)
+        assert not failed, failed

@@ -226,7 +226,8 @@ def test_a_mean_that_rounds_to_zero_is_shown_without_a_minus_sign(tmp_path, brow
         assert not errors, errors
 
 
-def test_live_tab_shows_each_components_weighted_contribution(tmp_path, browser):
+def live_run(tmp_path):
+    """A demo run with a micro checkpoint in rl/ and a recipe rewards section (format weighed 0.5)."""
     import json
 
     from vlrl.data.synth import corpus_texts
@@ -237,16 +238,25 @@ def test_live_tab_shows_each_components_weighted_contribution(tmp_path, browser)
     recipe = json.loads((run / "recipe.resolved.json").read_text())
     recipe["stages"]["rl"]["rewards"] = {"components": {"acc": {"fn": "answer_match"}, "fmt": {"fn": "format", "weight": 0.5}}, "workers": 0}
     (run / "recipe.resolved.json").write_text(json.dumps(recipe))
-    with running(create_app(run, device="cpu")) as url:
+    return run
+
+
+def generate_live(page, n: int = 2) -> dict:
+    """Fill the live form, generate -> the API's answer, once the cards are drawn."""
+    page.click("button.tab[data-tab='live']")
+    page.fill("#live-answer", "7")
+    page.fill("#live-n", str(n))
+    page.fill("#live-max", "4")
+    with page.expect_response("**/api/live/generate") as resp:
+        page.click("#live-go")
+    page.wait_for_selector("#live-samples .sample-card")
+    return resp.value.json()
+
+
+def test_live_tab_shows_each_components_weighted_contribution(tmp_path, browser):
+    with running(create_app(live_run(tmp_path), device="cpu")) as url:
         page, errors = open_page(browser, url)
-        page.click("button.tab[data-tab='live']")
-        page.fill("#live-answer", "7")
-        page.fill("#live-n", "2")
-        page.fill("#live-max", "4")
-        with page.expect_response("**/api/live/generate") as resp:
-            page.click("#live-go")
-        out = resp.value.json()
-        page.wait_for_selector("#live-samples .sample-card")
+        out = generate_live(page)
         cards = page.locator("#live-samples .sample-card")
         assert cards.count() == 2
         for i, s in enumerate(out["samples"]):
@@ -257,6 +267,17 @@ def test_live_tab_shows_each_components_weighted_contribution(tmp_path, browser)
                 assert f"{name} {v:+.3f}" in shown, (shown, s["contributions"])
         assert not errors, errors
 
+
+def test_live_status_does_not_call_a_trained_checkpoint_policy_version_0(tmp_path, browser):
+    """The engine counts weight updates since it loaded the checkpoint: always 0 here, which
+    beside the listing's policy versions read as 'the untrained weights'."""
+    with running(create_app(live_run(tmp_path), device="cpu")) as url:
+        page, errors = open_page(browser, url)
+        out = generate_live(page)
+        status = page.locator("#live-status").inner_text()
+        assert status.startswith("2 samples from rl;") and "recipe stack" in status, status
+        assert "version" not in status and out["policy_version"] == 0
+        assert not errors, errors
 
 def test_live_prompt_box_spans_two_columns_of_the_form(tmp_path, browser):
     run = write_demo_run(tmp_path / "run", steps=1, groups=1, group_size=2)

@@ -147,7 +147,7 @@ class LiveSample(BaseModel):
 
 class LiveResponse(BaseModel):
     checkpoint: str
-    policy_version: int
+    policy_version: int = Field(description="the engine's count of weight updates since it loaded the checkpoint: 0 here, not the step it was trained to")
     reward_source: str = Field(description="'recipe' (the run's rewards config) or 'default' (built-in task-routed stack)")
     components: list[str]
     seconds_generate: float

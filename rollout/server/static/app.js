@@ -370,7 +370,9 @@ async function liveGenerate(ev) {
   $("#live-go").disabled = true;
   try {
     const r = await api("api/live/generate", { method: "POST", headers: { "content-type": "application/json" }, body: JSON.stringify(body) });
-    status.textContent = `${r.samples.length} samples from ${r.checkpoint} (policy version ${r.policy_version}); rewards: ${r.reward_source} stack; generate ${fmt(r.seconds_generate, 2)} s, score ${fmt(r.seconds_score, 2)} s`;
+    // no policy_version here: the engine's count of updates since loading is always 0, which
+    // beside the listing's versions would read as "the untrained weights"
+    status.textContent = `${r.samples.length} samples from ${r.checkpoint}; rewards: ${r.reward_source} stack; generate ${fmt(r.seconds_generate, 2)} s, score ${fmt(r.seconds_score, 2)} s`;
     compareTable($("#live-components"), r.components, r.samples.map((s) => ({ label: `#${s.index}`, components: s.components, total: s.total, length: s.tokens })));
     $("#live-samples").replaceChildren(
       ...r.samples.map((s) => card(`#${s.index}`, s.text, s.components, [["total", s.total], ["tokens", s.tokens], ["correct", s.correct], ...Object.entries(s.failures).map(([k, v]) => [k + " failed", v])], s.contributions)),

@@ -46,6 +46,7 @@ class StageOut(BaseModel):
     done: bool = Field(description="finished (DONE.json)")
     rollouts: bool = Field(description="has a rollout store")
     checkpoint: bool = Field(description="has a loadable checkpoint")
+    metrics_bytes: int = Field(0, description="size of metrics.jsonl: a poll sees it grew without downloading it")
 
 
 class RunOut(BaseModel):

@@ -99,7 +99,8 @@ async function refresh(force = false) {
     for (const part of ["#steps thead", "#steps tbody", "#rows thead", "#rows tbody"]) $(part).replaceChildren();
     $("#page-info").textContent = "this stage has no rollout store";
   }
-  const metricsSize = (await api(stagePath("metrics"))).rows.length;
+  // the size from api/run (polled anyway), not the metrics themselves: megabytes on a long run
+  const metricsSize = stage ? stage.metrics_bytes : 0;
   if (force || metricsSize !== state.lastMetrics || changedStore) await loadPlots();
   state.lastMetrics = metricsSize;
   $("#updated").textContent = "updated " + new Date().toLocaleTimeString();

@@ -1,6 +1,6 @@
 """The inspection server: a FastAPI app over one run directory (`vlrl serve --run RUN_DIR`).
 
-Read side (JSON under /api, schema at /openapi.json, docs at /docs): stages, per-step
+Read side (JSON under /api, schema at /openapi.json): stages, per-step
 summaries, filtered and sorted rollout listings, groups side by side, metrics and curves,
 eval reports, images from the run directory. Live side: POST /api/live/generate samples a
 checkpoint of the run and scores the samples with the run's reward stack. The web page
@@ -108,6 +108,10 @@ def create_app(run_dir: str | Path, *, token: str | None = None, limits: Limits 
         version="1",
         description="Browse a run's rollouts, rewards and curves; sample its checkpoints live.",
         lifespan=lifespan,
+        # FastAPI's /docs and /redoc load their scripts from a CDN: blank offline, and a third
+        # party's code in the inspector's origin otherwise. The schema itself stays.
+        docs_url=None,
+        redoc_url=None,
     )
     api.state.run = run
 

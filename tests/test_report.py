@@ -93,3 +93,16 @@ def test_report_draws_the_heldout_curve_of_an_rl_stage(tmp_path):
     rows = re.findall(r"<tr><td class='l'>(\d+)</td><td>([\d.]+)</td><td>([\d.]+)</td><td>([\d.]+)</td></tr>", section)
     assert rows == [("0", "0.183", "0.203", "0.193"), ("50", "0.191", "0.211", "0.201"), ("100", "0.178", "0.198", "0.188")]
     assert "Held-out curve" not in html[: html.index("id='stage-rl'")]  # the sft stage has none
+
+
+def test_chart_axis_labels_tell_their_ticks_apart():
+    from rollout.server.svgplot import line_chart
+
+    # a constant learning rate (range padded to 9e-5..1.1e-4) and a counter near 10,000
+    for ys in ([1e-4] * 5, [10_000.0, 10_004.0, 10_010.0]):
+        svg = line_chart([("y", list(range(len(ys))), ys)], title="t")
+        labels = re.findall(r'text-anchor="end" fill="#444">([^<]+)<', svg)
+        assert len(labels) >= 3 and len(set(labels)) == len(labels), labels
+    # round ticks keep their short labels
+    svg = line_chart([("y", [0, 1, 2], [0.0, 0.5, 1.0])])
+    assert re.findall(r'text-anchor="end" fill="#444">([^<]+)<', svg) == ["0", "0.25", "0.5", "0.75", "1"]

@@ -108,6 +108,25 @@ def test_user_errors_are_4xx_with_a_message(client):
         assert text in r.json()["detail"], (path, r.json())
 
 
+def test_a_bound_that_is_not_a_number_is_refused_not_matched_against_nothing(client):
+    for params in [{"reward_min": "nan"}, {"advantage_max": "NaN"}, {"comp": "answer_match:nan:"}, {"comp": "answer_match::nan"}]:
+        r = client.get("/api/stages/rl/rollouts", params=params)
+        assert r.status_code == 400, (params, r.status_code, r.text)
+        assert "not a number" in r.json()["detail"], r.json()
+    # infinite bounds are bounds: everything is above -inf
+    assert client.get("/api/stages/rl/rollouts", params={"reward_min": "-inf", "limit": 1}).json()["total"] == 48
+
+
+def test_no_route_serves_a_page_that_loads_scripts_from_elsewhere(client):
+    """FastAPI's /docs and /redoc pull their scripts from a CDN: blank on a machine without
+    internet, and elsewhere a third party's code running with the inspector's origin."""
+    for path in ["/docs", "/redoc", "/docs/oauth2-redirect"]:
+        assert client.get(path).status_code == 404, path
+    assert client.get("/openapi.json").status_code == 200
+    page = client.get("/").text + client.get("/static/app.js").text
+    assert "http://" not in page.replace("http://www.w3.org", "") and "https://" not in page
+
+
 def test_only_images_inside_the_run_directory_are_served(client, run, tmp_path):
     secret = tmp_path / "secret.png"
     Image.new("RGB", (4, 4)).save(secret)

@@ -136,3 +136,191 @@ def test_curves_tab_draws_the_heldout_curve(tmp_path, browser):
         other = page.locator("#plots img[alt='accuracy (metrics.jsonl)']")
         assert other.count() == 0 or "heldout" not in other.get_attribute("src")
         assert not errors, errors
+
+
+def test_reset_clears_every_filter_and_lists_all_rollouts_again(tmp_path, browser):
+    run = write_demo_run(tmp_path / "run", steps=3, groups=3, group_size=4)
+    with running(create_app(run)) as url:
+        page, errors = open_page(browser, url)
+        page.select_option("#f-task", "arith")
+        page.select_option("#f-comp", "answer_match")
+        page.fill("#f-comp-min", "1")
+        page.select_option("#f-sort", "length")
+        page.uncheck("#f-desc")
+        page.click("#apply")
+        page.wait_for_function("!document.querySelector('#page-info').textContent.endsWith('of 36')")
+
+        page.get_by_role("button", name="Reset").click()
+        page.wait_for_function("document.querySelector('#page-info').textContent === '1–36 of 36'", timeout=5_000)
+        filters = page.evaluate("['#f-task', '#f-comp', '#f-comp-min', '#f-sort'].map(s => document.querySelector(s).value)")
+        assert filters == ["", "", "", "total_reward"]  # the sort the page opens with
+        assert page.locator("#f-desc").is_checked()
+        assert not errors, errors
+
+
+def test_a_stage_without_rollouts_shows_none_of_the_previous_stages_rollout_views(tmp_path, browser):
+    import json
+
+    run = write_demo_run(tmp_path / "run", steps=3, groups=2, group_size=2)
+    recipe = json.loads((run / "recipe.resolved.json").read_text())
+    recipe["stages"] = {"sft": {"kind": "sft"}, **recipe["stages"]}
+    (run / "recipe.resolved.json").write_text(json.dumps(recipe))
+    (run / "sft").mkdir()
+    (run / "sft" / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "train/loss": 1.0 / s}) + "\n" for s in range(1, 4)))
+    with running(create_app(run)) as url:
+        page, errors = open_page(browser, url)
+        assert page.locator("#stage").input_value() == "rl"
+        page.select_option("#stage", "sft")
+        page.wait_for_function("document.querySelector('#page-info').textContent === 'this stage has no rollout store'")
+        assert page.locator("#steps-count").inner_text() == ""
+        assert page.locator("#steps th").count() == 0 and page.locator("#rows th").count() == 0  # rl's columns are gone
+
+        page.click("button.tab[data-tab='curves']")
+        page.wait_for_function("[...document.querySelectorAll('#plots img')].some(i => i.alt === 'loss')")
+        alts = page.eval_on_selector_all("#plots img", "imgs => imgs.map(i => i.alt)")
+        assert alts == ["loss"]  # no empty rollout plots left over from rl
+        assert not errors, errors
+
+
+def test_a_run_that_has_no_stage_yet_says_so_and_shows_the_first_one_when_it_appears(tmp_path, browser):
+    run = tmp_path / "run"
+    run.mkdir()
+    with running(create_app(run)) as url:
+        page, errors = open_page(browser, url)
+        assert page.locator("#page-info").inner_text() == "this run has no stage output yet"
+        write_demo_run(run, steps=2, groups=2, group_size=2)  # the run starts writing
+        page.wait_for_function("document.querySelector('#page-info').textContent === '1–8 of 8'", timeout=15_000)
+        assert page.locator("#stage").input_value() == "rl"
+        assert not errors, errors
+
+
+def test_a_long_run_keeps_the_filters_and_listing_in_view(tmp_path, browser):
+    run = write_demo_run(tmp_path / "run", steps=80, groups=1, group_size=2)
+    with running(create_app(run)) as url:
+        page, errors = open_page(browser, url)
+        assert page.locator("#steps tbody tr").count() == 80
+        viewport = page.viewport_size["height"]
+        # the steps table scrolls in its own box instead of pushing everything below it off screen
+        assert page.locator("#filters").bounding_box()["y"] < viewport / 2
+        assert page.locator("#rows tbody tr").first.bounding_box()["y"] < viewport
+        assert not errors, errors
+
+
+def test_a_mean_that_rounds_to_zero_is_shown_without_a_minus_sign(tmp_path, browser):
+    import random
+
+    from rollout.server.demo import demo_rows
+    from rollout.store import RolloutStore
+
+    run = write_demo_run(tmp_path / "run", steps=1, groups=1, group_size=3)
+    rows = demo_rows(1, 1, 3, random.Random(0))
+    for r, a in zip(rows, (-0.1, -0.2, 0.3)):  # mean -1.9e-17, as GRPO's advantages come out
+        r.advantage = a
+    with RolloutStore.in_dir(run / "rl") as s:
+        s.append(rows)
+    with running(create_app(run)) as url:
+        page, errors = open_page(browser, url)
+        header = page.eval_on_selector_all("#steps thead th", "ths => ths.map(t => t.textContent)")
+        first = page.eval_on_selector_all("#steps tbody tr:first-child td", "tds => tds.map(t => t.textContent)")
+        assert first[0] == "1" and first[header.index("advantage")] == "0.000"
+        assert not errors, errors
+
+
+def live_run(tmp_path):
+    """A demo run with a micro checkpoint in rl/ and a recipe rewards section (format weighed 0.5)."""
+    import json
+
+    from vlrl.data.synth import corpus_texts
+    from vlrl.model.tiny import init_tiny_model
+
+    run = write_demo_run(tmp_path / "run", steps=1, groups=1, group_size=2)
+    init_tiny_model(run / "rl" / "checkpoint", corpus_texts(0, 200), preset="micro", seed=0)
+    recipe = json.loads((run / "recipe.resolved.json").read_text())
+    recipe["stages"]["rl"]["rewards"] = {"components": {"acc": {"fn": "answer_match"}, "fmt": {"fn": "format", "weight": 0.5}}, "workers": 0}
+    (run / "recipe.resolved.json").write_text(json.dumps(recipe))
+    return run
+
+
+def generate_live(page, n: int = 2) -> dict:
+    """Fill the live form, generate -> the API's answer, once the cards are drawn."""
+    page.click("button.tab[data-tab='live']")
+    page.fill("#live-answer", "7")
+    page.fill("#live-n", str(n))
+    page.fill("#live-max", "4")
+    with page.expect_response("**/api/live/generate") as resp:
+        page.click("#live-go")
+    page.wait_for_selector("#live-samples .sample-card")
+    return resp.value.json()
+
+
+def test_live_tab_shows_each_components_weighted_contribution(tmp_path, browser):
+    with running(create_app(live_run(tmp_path), device="cpu")) as url:
+        page, errors = open_page(browser, url)
+        out = generate_live(page)
+        cards = page.locator("#live-samples .sample-card")
+        assert cards.count() == 2
+        for i, s in enumerate(out["samples"]):
+            assert cards.nth(i).locator(".contributions").count() == 1
+            shown = cards.nth(i).locator(".contributions").inner_text()
+            assert set(s["contributions"]) == {"acc", "fmt"}
+            for name, v in s["contributions"].items():
+                assert f"{name} {v:+.3f}" in shown, (shown, s["contributions"])
+        assert not errors, errors
+
+
+def test_live_status_does_not_call_a_trained_checkpoint_policy_version_0(tmp_path, browser):
+    """The engine counts weight updates since it loaded the checkpoint: always 0 here, which
+    beside the listing's policy versions read as 'the untrained weights'."""
+    with running(create_app(live_run(tmp_path), device="cpu")) as url:
+        page, errors = open_page(browser, url)
+        out = generate_live(page)
+        status = page.locator("#live-status").inner_text()
+        assert status.startswith("2 samples from rl;") and "recipe stack" in status, status
+        assert "version" not in status and out["policy_version"] == 0
+        assert not errors, errors
+
+def test_live_prompt_box_spans_two_columns_of_the_form(tmp_path, browser):
+    run = write_demo_run(tmp_path / "run", steps=1, groups=1, group_size=2)
+    with running(create_app(run)) as url:
+        page, errors = open_page(browser, url)
+        page.click("button.tab[data-tab='live']")
+        prompt = page.locator("#live-prompt").bounding_box()["width"]
+        one_column = page.locator("#live-answer").bounding_box()["width"]
+        assert prompt > 1.8 * one_column, (prompt, one_column)
+        assert not errors, errors
+
+
+def test_opening_the_page_logs_no_console_error(tmp_path, browser):
+    """A 404 for the browser's own /favicon.ico request was an error in every user's console."""
+    run = write_demo_run(tmp_path / "run", steps=1, groups=1, group_size=2)
+    with running(create_app(run)) as url:
+        page = browser.new_page()
+        failed: list[str] = []  # the favicon request is the browser's, seen only as a console error
+        page.on("console", lambda m: failed.append(f"{m.text} {m.location.get('url')}") if m.type == "error" else None)
+        page.goto(url + "/")
+        page.wait_for_selector("body[data-ready='1']", timeout=10_000)
+        page.wait_for_load_state("networkidle")
+        page.wait_for_timeout(500)
+        assert not failed, failed
+
+
+def test_polling_fetches_the_metrics_only_when_metrics_jsonl_grew(tmp_path, browser):
+    """Every poll downloaded all of metrics.jsonl to count its rows: 1.6 MB every 3 s for a
+    450-step RL stage, growing with the run."""
+    import json
+
+    run = write_demo_run(tmp_path / "run", steps=2, groups=1, group_size=2)
+    with running(create_app(run)) as url:
+        page, errors = open_page(browser, url)
+        seen: list[str] = []
+        page.on("request", lambda r: seen.append(r.url.split("?")[0].rsplit("/", 1)[-1]))
+        deadline = 12_000
+        while seen.count("run") < 2 and deadline > 0:  # two polls of an unchanged run
+            page.wait_for_timeout(200)
+            deadline -= 200
+        assert seen.count("run") >= 2, seen
+        assert "metrics" not in seen, seen
+        with (run / "rl" / "metrics.jsonl").open("a") as fh:
+            fh.write(json.dumps({"step": 2, "train/loss": 0.2}) + "\n")
+        page.wait_for_event("request", lambda r: "/metrics" in r.url, timeout=10_000)  # the plots reload
+        assert not errors, errors

@@ -1,6 +1,6 @@
 """The inspection server: a FastAPI app over one run directory (`vlrl serve --run RUN_DIR`).
 
-Read side (JSON under /api, schema at /openapi.json, docs at /docs): stages, per-step
+Read side (JSON under /api, schema at /openapi.json): stages, per-step
 summaries, filtered and sorted rollout listings, groups side by side, metrics and curves,
 eval reports, images from the run directory. Live side: POST /api/live/generate samples a
 checkpoint of the run and scores the samples with the run's reward stack. The web page
@@ -14,6 +14,7 @@ a busy generator 429. See `rollout.server.security` for the token and Host check
 from __future__ import annotations
 
 import json
+import math
 import sqlite3
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -63,7 +64,12 @@ ERRORS = {c: {"model": ErrorOut} for c in (400, 401, 403, 404, 413, 422)}
 STAGE_ERRORS = {c: {"model": ErrorOut} for c in (400, 401, 403, 404, 409, 413, 422)}
 
 
-def _range(lo: float | None, hi: float | None) -> tuple[float | None, float | None] | None:
+def _range(lo: float | None, hi: float | None, name: str) -> tuple[float | None, float | None] | None:
+    """SQLite binds NaN as NULL, and a comparison with NULL matches no row: a NaN bound
+    would answer an empty page instead of saying the ask is meaningless."""
+    for which, v in (("min", lo), ("max", hi)):
+        if v is not None and math.isnan(v):
+            raise VlrlError(f"{name}_{which}={v}: not a number")
     return None if lo is None and hi is None else (lo, hi)
 
 
@@ -76,9 +82,12 @@ def _parse_component_filters(specs: list[str]) -> dict[str, tuple[float | None, 
         if not (sep1 and sep2 and name):
             raise VlrlError(f"comp={spec!r}: expected name:min:max (either bound may be empty)")
         try:
-            out[name] = (float(lo) if lo.strip() else None, float(rest) if rest.strip() else None)
+            bounds = (float(lo) if lo.strip() else None, float(rest) if rest.strip() else None)
         except ValueError as e:
             raise VlrlError(f"comp={spec!r}: bounds must be numbers ({e})") from e
+        if any(b is not None and math.isnan(b) for b in bounds):
+            raise VlrlError(f"comp={spec!r}: a bound is not a number (nan)")
+        out[name] = bounds
     return out
 
 
@@ -99,6 +108,10 @@ def create_app(run_dir: str | Path, *, token: str | None = None, limits: Limits 
         version="1",
         description="Browse a run's rollouts, rewards and curves; sample its checkpoints live.",
         lifespan=lifespan,
+        # FastAPI's /docs and /redoc load their scripts from a CDN: blank offline, and a third
+        # party's code in the inspector's origin otherwise. The schema itself stays.
+        docs_url=None,
+        redoc_url=None,
     )
     api.state.run = run
 
@@ -189,16 +202,16 @@ def create_app(run_dir: str | Path, *, token: str | None = None, limits: Limits 
         s = run.store(stage)
         q = RolloutQuery(
             step=step,
-            steps=_range(step_min, step_max),
+            steps=_range(step_min, step_max, "step"),
             task=task if task else None,
             difficulty=difficulty if difficulty else None,
             status=status,
             policy_version=policy_version,
             group_id=group_id,
             record_id=record_id,
-            total_reward=_range(reward_min, reward_max),
-            advantage=_range(advantage_min, advantage_max),
-            length=_range(length_min, length_max),
+            total_reward=_range(reward_min, reward_max, "reward"),
+            advantage=_range(advantage_min, advantage_max, "advantage"),
+            length=_range(length_min, length_max, "length"),
             components=_parse_component_filters(comp or []),
             sort_by=sort,
             descending=desc,

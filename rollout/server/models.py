@@ -46,6 +46,7 @@ class StageOut(BaseModel):
     done: bool = Field(description="finished (DONE.json)")
     rollouts: bool = Field(description="has a rollout store")
     checkpoint: bool = Field(description="has a loadable checkpoint")
+    metrics_bytes: int = Field(0, description="size of metrics.jsonl: a poll sees it grew without downloading it")
 
 
 class RunOut(BaseModel):
@@ -147,7 +148,7 @@ class LiveSample(BaseModel):
 
 class LiveResponse(BaseModel):
     checkpoint: str
-    policy_version: int
+    policy_version: int = Field(description="the engine's count of weight updates since it loaded the checkpoint: 0 here, not the step it was trained to")
     reward_source: str = Field(description="'recipe' (the run's rewards config) or 'default' (built-in task-routed stack)")
     components: list[str]
     seconds_generate: float

@@ -42,6 +42,7 @@ class StageFiles:
     done: bool
     rollouts: bool
     checkpoint: bool
+    metrics_bytes: int = 0
 
 
 def resolve_inside(root: Path, rel: str) -> Path:
@@ -88,15 +89,17 @@ class RunDir:
         out = []
         for n in self.stage_names():
             d = self.root / n
+            mpath = d / "metrics.jsonl"
             out.append(
                 StageFiles(
                     name=n,
                     kind=kinds.get(n),
-                    metrics=(d / "metrics.jsonl").is_file(),
+                    metrics=mpath.is_file(),
                     eval=(d / "eval.json").is_file(),
                     done=(d / "DONE.json").is_file(),
                     rollouts=(d / FILE_NAME).is_file(),
                     checkpoint=(d / "checkpoint" / "config.json").is_file(),
+                    metrics_bytes=_size(mpath),
                 )
             )
         return out
@@ -194,6 +197,14 @@ def ablation_table(data: Any) -> dict | None:
 
 def _looks_like_stage(p: Path) -> bool:
     return any((p / f).exists() for f in ("metrics.jsonl", "eval.json", "DONE.json", FILE_NAME, "checkpoint"))
+
+
+def _size(path: Path) -> int:
+    """0 for a file that is not there (yet, or any more: a rerun moves a stage folder aside)."""
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0
 
 
 def _read_json(path: Path) -> Any:

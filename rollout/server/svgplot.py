@@ -30,12 +30,24 @@ def nice_ticks(lo: float, hi: float, n: int = 5) -> list[float]:
     return ticks
 
 
-def _fmt(v: float) -> str:
+def _fmt(v: float, extra_digits: int = 0) -> str:
     if v == 0:
         return "0"
     if abs(v) >= 1e4 or abs(v) < 1e-3:
-        return f"{v:.2g}"
-    return f"{v:.4g}"
+        return f"{v:.{2 + extra_digits}g}"
+    return f"{v:.{4 + extra_digits}g}"
+
+
+def tick_labels(ticks: list[float]) -> list[str]:
+    """Short labels, with more digits where the short ones would round two ticks to one
+    text (a constant 1e-4 padded to 9e-5..1.1e-4 read 0.00011 twice; ticks near 10,000
+    all read 1e+04)."""
+    step = min((b - a for a, b in zip(ticks, ticks[1:])), default=0.0)
+    for extra in range(12):
+        labels = [_fmt(t, extra) for t in ticks]
+        if all(abs(float(label) - t) <= step * 1e-6 for label, t in zip(labels, ticks)):
+            break
+    return labels
 
 
 def line_chart(series: Sequence[Series], *, title: str = "", xlabel: str = "step", width: int = 420, height: int = 240) -> str:
@@ -69,14 +81,16 @@ def line_chart(series: Sequence[Series], *, title: str = "", xlabel: str = "step
     def sy(y: float) -> float:
         return top + (1 - (y - y0) / (y1 - y0)) * ph
 
-    for t in nice_ticks(y0, y1):
+    yticks = nice_ticks(y0, y1)
+    for t, label in zip(yticks, tick_labels(yticks)):
         y = sy(t)
         out.append(f'<line x1="{left}" x2="{left + pw}" y1="{y:.1f}" y2="{y:.1f}" stroke="#eee"/>')
-        out.append(f'<text x="{left - 4}" y="{y + 4:.1f}" text-anchor="end" fill="#444">{_fmt(t)}</text>')
-    for t in nice_ticks(x0, x1):
+        out.append(f'<text x="{left - 4}" y="{y + 4:.1f}" text-anchor="end" fill="#444">{label}</text>')
+    xticks = nice_ticks(x0, x1)
+    for t, label in zip(xticks, tick_labels(xticks)):
         x = sx(t)
         out.append(f'<line x1="{x:.1f}" x2="{x:.1f}" y1="{top + ph}" y2="{top + ph + 4}" stroke="#444"/>')
-        out.append(f'<text x="{x:.1f}" y="{top + ph + 15}" text-anchor="middle" fill="#444">{_fmt(t)}</text>')
+        out.append(f'<text x="{x:.1f}" y="{top + ph + 15}" text-anchor="middle" fill="#444">{label}</text>')
     out.append(f'<rect x="{left}" y="{top}" width="{pw}" height="{ph}" fill="none" stroke="#999"/>')
     out.append(f'<text x="{left + pw / 2}" y="{top + ph + 29}" text-anchor="middle" fill="#444">{escape(xlabel)}</text>')
     for i, (label, xs, ys) in enumerate(series):

@@ -21,7 +21,11 @@ function el(tag, attrs = {}, ...children) {
 
 function fmt(v, digits = 3) {
   if (v === null || v === undefined) return "—";
-  if (typeof v === "number") return Number.isInteger(v) ? String(v) : v.toFixed(digits);
+  if (typeof v === "number") {
+    if (Number.isInteger(v)) return String(v);
+    const s = v.toFixed(digits);
+    return /^-0\.0*$/.test(s) ? s.slice(1) : s; // a mean of -1e-17 (a float sum of advantages) is 0, not "-0.000"
+  }
   return String(v);
 }
 
@@ -72,7 +76,10 @@ async function selectStage() {
 }
 
 async function refresh(force = false) {
-  if (!state.stage) return;
+  if (!state.stage) {
+    $("#page-info").textContent = "this run has no stage output yet";
+    return;
+  }
   const stage = state.run.stages.find((s) => s.name === state.stage);
   let changedStore = false;
   if (stage && stage.rollouts) {
@@ -86,11 +93,14 @@ async function refresh(force = false) {
       await Promise.all([loadSteps(), loadRows()]);
     }
   } else {
-    $("#steps tbody").replaceChildren();
-    $("#rows tbody").replaceChildren();
+    // nothing of the last stage's store may stay: its columns, its step count, its rollout plots
+    state.info = null;
+    $("#steps-count").textContent = "";
+    for (const part of ["#steps thead", "#steps tbody", "#rows thead", "#rows tbody"]) $(part).replaceChildren();
     $("#page-info").textContent = "this stage has no rollout store";
   }
-  const metricsSize = (await api(stagePath("metrics"))).rows.length;
+  // the size from api/run (polled anyway), not the metrics themselves: megabytes on a long run
+  const metricsSize = stage ? stage.metrics_bytes : 0;
   if (force || metricsSize !== state.lastMetrics || changedStore) await loadPlots();
   state.lastMetrics = metricsSize;
   $("#updated").textContent = "updated " + new Date().toLocaleTimeString();
@@ -133,7 +143,7 @@ function fillFilterChoices() {
   const sortSel = $("#f-sort");
   const v = sortSel.value || "total_reward";
   sortSel.replaceChildren(
-    ...sorts.map((s) => el("option", { value: s }, s)),
+    ...sorts.map((s) => el("option", { value: s, selected: s === "total_reward" }, s)), // what Reset returns to
     ...state.info.components.map((c) => el("option", { value: "components." + c }, "component: " + c)),
   );
   sortSel.value = [...sortSel.options].some((o) => o.value === v) ? v : "total_reward";
@@ -248,14 +258,18 @@ function compareTable(table, components, samples) {
   );
 }
 
-function card(title, text, components, facts) {
+// `contributions` (live samples): each component's weighted share of the total, the
+// reason a total differs from the sum of the bars.
+function card(title, text, components, facts, contributions = null) {
   const values = Object.values(components).filter((v) => typeof v === "number");
   const scale = Math.max(1, ...values.map(Math.abs));
+  const signed = (v) => (v < 0 ? "-" : "+") + Math.abs(v).toFixed(3);
   return el(
     "div",
     { class: "card sample-card" },
     el("h4", {}, el("span", {}, title), el("span", {}, facts.map(([k, v]) => `${k} ${fmt(v)}`).join(" · "))),
     el("div", { class: "response" }, text),
+    contributions ? el("div", { class: "contributions muted" }, "weighted: " + (Object.entries(contributions).map(([k, v]) => `${k} ${signed(v)}`).join(" · ") || "none")) : [],
     ...Object.entries(components).map(([name, v]) =>
       el(
         "div",
@@ -300,15 +314,14 @@ async function loadPlots() {
   const chosen = new Set([...sel.selectedOptions].map((o) => o.value));
   sel.replaceChildren(...m.keys.map((k) => el("option", { value: k, selected: chosen.has(k) }, k)));
   const bust = Date.now();
-  $("#plots").replaceChildren(
-    ...plotSets()
-      .filter((s) => s.keys.length)
-      .map((s) => {
-        const p = new URLSearchParams({ title: s.title, _: bust });
-        s.keys.forEach((k) => p.append("key", k));
-        return el("img", { src: stagePath("plot.svg?" + p), alt: s.title, title: s.title });
-      }),
-  );
+  const plots = plotSets()
+    .filter((s) => s.keys.length)
+    .map((s) => {
+      const p = new URLSearchParams({ title: s.title, _: bust });
+      s.keys.forEach((k) => p.append("key", k));
+      return el("img", { src: stagePath("plot.svg?" + p), alt: s.title, title: s.title });
+    });
+  $("#plots").replaceChildren(...(plots.length ? plots : [el("p", { class: "muted" }, "nothing to plot: this stage has no rollout store and no numbers in metrics.jsonl")]));
 }
 
 // ------------------------------------------------------------------ eval
@@ -358,10 +371,12 @@ async function liveGenerate(ev) {
   $("#live-go").disabled = true;
   try {
     const r = await api("api/live/generate", { method: "POST", headers: { "content-type": "application/json" }, body: JSON.stringify(body) });
-    status.textContent = `${r.samples.length} samples from ${r.checkpoint} (policy version ${r.policy_version}); rewards: ${r.reward_source} stack; generate ${fmt(r.seconds_generate, 2)} s, score ${fmt(r.seconds_score, 2)} s`;
+    // no policy_version here: the engine's count of updates since loading is always 0, which
+    // beside the listing's versions would read as "the untrained weights"
+    status.textContent = `${r.samples.length} samples from ${r.checkpoint}; rewards: ${r.reward_source} stack; generate ${fmt(r.seconds_generate, 2)} s, score ${fmt(r.seconds_score, 2)} s`;
     compareTable($("#live-components"), r.components, r.samples.map((s) => ({ label: `#${s.index}`, components: s.components, total: s.total, length: s.tokens })));
     $("#live-samples").replaceChildren(
-      ...r.samples.map((s) => card(`#${s.index}`, s.text, s.components, [["total", s.total], ["tokens", s.tokens], ["correct", s.correct], ...Object.entries(s.failures).map(([k, v]) => [k + " failed", v])])),
+      ...r.samples.map((s) => card(`#${s.index}`, s.text, s.components, [["total", s.total], ["tokens", s.tokens], ["correct", s.correct], ...Object.entries(s.failures).map(([k, v]) => [k + " failed", v])], s.contributions)),
     );
   } catch (e) {
     status.textContent = e.message;
@@ -382,7 +397,9 @@ async function poll() {
   if ($("#live-updates").checked && document.visibilityState === "visible") {
     try {
       await loadRun();
-      await refresh(false);
+      // the first stage of a run that had none: loadRun selected it, open it
+      if (!state.stage && $("#stage").value) await selectStage();
+      else await refresh(false);
     } catch (e) {
       showError(e.message);
     }
@@ -394,7 +411,8 @@ async function main() {
   document.querySelectorAll(".tab").forEach((b) => b.addEventListener("click", () => showTab(b.dataset.tab)));
   $("#stage").addEventListener("change", () => selectStage().catch((e) => showError(e.message)));
   $("#filters").addEventListener("submit", (ev) => { ev.preventDefault(); applyFilters(); });
-  $("#reset").addEventListener("click", () => { $("#filters").reset(); applyFilters(); });
+  // The button's id must not be "reset": a form's named controls shadow its methods (form.reset).
+  $("#f-reset").addEventListener("click", () => { $("#filters").reset(); applyFilters(); });
   $("#prev").addEventListener("click", () => { state.offset = Math.max(0, state.offset - PAGE); loadRows(); });
   $("#next").addEventListener("click", () => { if (state.offset + PAGE < state.total) { state.offset += PAGE; loadRows(); } });
   $("#group-close").addEventListener("click", () => ($("#group").hidden = true));

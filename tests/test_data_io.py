@@ -60,6 +60,28 @@ def test_bad_json_names_file_and_line(tmp_path):
         load_records(p)
 
 
+def test_non_utf8_line_names_file_line_and_byte(tmp_path):
+    p = tmp_path / "latin1.jsonl"
+    p.write_bytes(_good_line(1).encode() + b"\n" + _good_line(2).replace("hi", "caf\u00e9").encode("latin-1") + b"\n")
+    with pytest.raises(DataError) as e:
+        load_records(p)
+    msg = str(e.value)
+    assert f"file {p} line 2: not UTF-8 (byte 0xe9 at byte" in msg and "\n" not in msg
+
+
+def test_json_error_message_reads_once(tmp_path):
+    p = tmp_path / "ctl.jsonl"
+    _write_lines(p, ['{"id": "r1\t", "messages": []}'])
+    with pytest.raises(DataError, match=r"line 1: not valid JSON \(Invalid control character at column 11\)"):
+        load_records(p)
+
+
+def test_utf8_byte_order_mark_is_accepted(tmp_path):
+    p = tmp_path / "bom.jsonl"
+    p.write_bytes(b"\xef\xbb\xbf" + _good_line(1).encode() + b"\r\n" + _good_line(2).encode() + b"\r\n")
+    assert [r.id for r in load_records(p)] == ["r1", "r2"]
+
+
 def test_bad_field_names_line_field_and_expectation(tmp_path):
     p = tmp_path / "bad.jsonl"
     bad = json.dumps({"id": "r3", "messages": [{"role": "robot", "content": "hi"}]})

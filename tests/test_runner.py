@@ -17,7 +17,7 @@ from rich.console import Console
 from safetensors.torch import load_file
 
 from vlrl.data.io import load_records
-from vlrl.errors import RecipeError
+from vlrl.errors import DataError, RecipeError
 from vlrl.recipe import validate_recipe
 from vlrl.runner import run_recipe
 from vlrl.tracking import read_metrics
@@ -217,3 +217,24 @@ def test_a_stage_compares_its_eval_with_its_starts(tmp_path):
     summary = json.loads((run / "more" / "DONE.json").read_text())["summary"]["vs_start"]
     assert summary["all"]["delta"] == expected[-1].delta
     assert "| all | 12 |" in (run / "more" / "vs_start.md").read_text()
+
+
+def test_a_dataset_folder_is_read_whole_by_its_data_stage(tmp_path):
+    """A user's dataset (`data.path`) is checked row by row when its data stage runs, so a
+    bad eval row stops the run before any training rather than at the first stage's eval."""
+    from vlrl.data.synth import make_dataset
+
+    mine = tmp_path / "mine"
+    make_dataset(mine, seed=3, n=6, n_eval=3, families_mix={"text": 1.0})
+    raw = {"name": "own", "run_dir": str(tmp_path / "run"), "device": "cpu", "stages": {"data": {"path": str(mine)}}}
+    out = io.StringIO()
+    done = run_recipe(validate_recipe(raw), console=Console(file=out, width=200))
+    assert done[0]["summary"]["counts"] == {"train": {"total": 6, "family": {"text": 6}}, "eval": {"total": 3, "family": {"text": 3}}}
+    assert "6 train, 3 eval records" in out.getvalue()
+
+    rows = [json.loads(line) for line in (mine / "eval.jsonl").read_text().splitlines()]
+    rows[1]["difficulty"] = "hard"
+    (mine / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    raw["run_dir"] = str(tmp_path / "run2")
+    with pytest.raises(DataError, match=r"eval\.jsonl line 2: field 'difficulty'"):
+        run_recipe(validate_recipe(raw), console=Console(file=io.StringIO()))

@@ -137,6 +137,8 @@ def test_unreadable_or_missing_files(tmp_path):
 
 
 def test_split_path(tmp_path):
+    with pytest.raises(DataError, match=r"dataset .*nope does not exist: expected a folder holding eval\.jsonl"):
+        split_path(tmp_path / "nope", "eval")
     with pytest.raises(DataError, match="no train.jsonl or train.parquet"):
         split_path(tmp_path, "train")
     write_records(tmp_path / "train.jsonl", [_rec(1)])

@@ -47,6 +47,8 @@ def split_path(data_dir: Path, split: str) -> Path:
     data_dir = Path(data_dir)
     if data_dir.is_file():
         return data_dir
+    if not data_dir.exists():
+        raise DataError(f"dataset {data_dir} does not exist: expected a folder holding {split}.jsonl or {split}.parquet, or a record file")
     found = [data_dir / f"{split}{ext}" for ext in FORMATS if (data_dir / f"{split}{ext}").is_file()]
     if not found:
         raise DataError(f"dataset {data_dir}: no {split}.jsonl or {split}.parquet")

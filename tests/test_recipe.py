@@ -120,6 +120,29 @@ def test_invalid_yaml_names_line(tmp_path):
         load_recipe(p)
 
 
+def test_duplicate_keys_are_refused_with_both_lines(tmp_path):
+    """PyYAML would keep the second `data:` and silently drop the first stage."""
+    p = tmp_path / "dup.yaml"
+    p.write_text("name: x\nstages:\n  data: {n: 5}\n  model: {preset: micro}\n  data: {n: 6}\n")
+    with pytest.raises(RecipeError, match=r"dup\.yaml: line 5: not valid YAML \(duplicate key 'data', first at line 3\)"):
+        load_recipe(p)
+
+
+def test_merge_keys_may_still_be_overridden(tmp_path):
+    p = tmp_path / "merge.yaml"
+    p.write_text("name: x\nstages:\n  data: &d {n: 5, seed: 1}\n  more:\n    <<: *d\n    kind: data\n    seed: 2\n")
+    assert load_recipe(p).stages["more"].seed == 2
+
+
+@pytest.mark.parametrize("item,match", [
+    ("pretrain.optim=[1", r"override 'pretrain.optim=\[1': the value is not valid YAML"),
+    ("pretrian.optim.lr=1", r"override 'pretrian.optim.lr=1': 'pretrian' is neither a stage \(data, reading, .*\) nor a top-level key \(name, "),
+])
+def test_override_errors_name_the_override(item, match):
+    with pytest.raises(RecipeError, match=match):
+        load_recipe(TINY, [item])
+
+
 def test_rl_stage_is_strict(tmp_path):
     raw = _raw()
     raw["stages"]["rl"] = {"from": "pretrain", "data": "data", "steps": 2, "lr": 1e-6}

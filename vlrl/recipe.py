@@ -211,13 +211,39 @@ def _format_validation(e: ValidationError, raw: dict, source: str) -> str:
     return f"{source}: {loc or '<top>'}: {_expected(first)}{got}{more}"
 
 
+class _RecipeLoader(yaml.SafeLoader):
+    """PyYAML keeps the last of two equal keys in a mapping; in a recipe that silently drops
+    a stage copied and not renamed, or the first of two `phases:` lists. Keys brought in by a
+    merge (`<<: *sft`) may still be overridden: only keys written in the mapping count."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            first: dict[Any, int] = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=deep)
+                try:
+                    line = first.setdefault(key, key_node.start_mark.line)
+                except TypeError:
+                    continue  # an unhashable key: SafeLoader's own error follows
+                if line != key_node.start_mark.line:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"duplicate key {key!r}, first at line {line + 1}", key_node.start_mark
+                    )
+        return super().construct_mapping(node, deep=deep)
+
+
 def parse_override(item: str) -> tuple[list[str], Any]:
     if "=" not in item:
         raise RecipeError(f"override {item!r}: expected key.path=value (e.g. pretrain.optim.lr=3e-4)")
     key, value = item.split("=", 1)
     if not key:
         raise RecipeError(f"override {item!r}: empty key")
-    return key.split("."), yaml.safe_load(value) if value != "" else ""
+    try:
+        return key.split("."), yaml.safe_load(value) if value != "" else ""
+    except yaml.YAMLError as e:
+        raise RecipeError(f"override {item!r}: the value is not valid YAML ({getattr(e, 'problem', None) or e}); quote it or fix it") from None
 
 
 def apply_overrides(raw: dict, overrides: list[str]) -> dict:
@@ -230,7 +256,13 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
     top_fields = set(Recipe.model_fields)
     for item in overrides:
         path, value = parse_override(item)
-        if path[0] not in top_fields and isinstance(data.get("stages"), dict) and path[0] in data["stages"]:
+        if path[0] not in top_fields:
+            stages = data.get("stages") if isinstance(data.get("stages"), dict) else {}
+            if path[0] not in stages:
+                # Said here rather than by validation, which would blame the recipe file for a key it does not hold.
+                raise RecipeError(
+                    f"override {item!r}: {path[0]!r} is neither a stage ({', '.join(stages) or 'none'}) nor a top-level key ({', '.join(Recipe.model_fields)})"
+                )
             path = ["stages", *path]
         node: Any = data
         for i, key in enumerate(path[:-1]):
@@ -312,16 +344,21 @@ def validate_recipe(raw: Any, source: str = "<recipe>") -> Recipe:
     return recipe
 
 
-def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
+def read_recipe_file(path: str | Path) -> Any:
+    """The recipe file's raw YAML data, or a RecipeError naming the file (and the line)."""
     path = Path(path)
     if not path.is_file():
         raise RecipeError(f"{path}: recipe file not found")
     try:
-        raw = yaml.safe_load(path.read_text())
+        return yaml.load(path.read_text(), Loader=_RecipeLoader)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""
         raise RecipeError(f"{path}:{where}: not valid YAML ({getattr(e, 'problem', e)})") from None
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
+    raw = read_recipe_file(path)
     if overrides:
         if not isinstance(raw, dict):
             raise RecipeError(f"{path}: expected a mapping at the top level")

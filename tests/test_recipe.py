@@ -161,6 +161,52 @@ def test_merge_parts_are_checked_at_validate():
         validate_recipe(raw, "r.yaml")
 
 
+def _paths_recipe(tmp_path, stages: dict) -> dict:
+    ckpt, only_train = tmp_path / "ckpt", tmp_path / "only_train"
+    for d in (ckpt, only_train, tmp_path / "empty"):
+        d.mkdir(exist_ok=True)
+    (ckpt / "config.json").write_text("{}")
+    (only_train / "train.jsonl").write_text("")
+    (tmp_path / "notes.txt").write_text("")
+    return {"name": "p", "stages": stages}
+
+
+@pytest.mark.parametrize("stages,match", [
+    ({"sft": {"from": "{t}/empty", "data": "{t}/only_train", "phases": [{"name": "a", "steps": 1}]}},
+     r"stages\.sft\.from: path '.*/empty' is not a checkpoint folder \(no config\.json in it\)"),
+    ({"sft": {"from": "{t}/notes.txt", "data": "{t}/only_train", "phases": [{"name": "a", "steps": 1}]}},
+     r"stages\.sft\.from: path '.*/notes\.txt' is a file: expected a checkpoint folder"),
+    ({"sft": {"from": "{t}/ckpt", "data": "{t}/empty", "phases": [{"name": "a", "steps": 1}]}},
+     r"stages\.sft\.data: path '.*/empty' holds no train\.jsonl or train\.parquet"),
+    ({"sft": {"from": "{t}/ckpt", "data": "{t}/notes.txt", "phases": [{"name": "a", "steps": 1}]}},
+     r"stages\.sft\.data: path '.*/notes\.txt' is not a record file: expected \.jsonl or \.parquet"),
+    ({"ev": {"kind": "eval", "from": "{t}/ckpt", "data": "{t}/only_train"}},
+     r"stages\.ev\.data: path '.*/only_train' holds no eval\.jsonl or eval\.parquet"),
+    ({"merge": {"from": ["{t}/ckpt", "{t}/empty"]}}, r"stages\.merge\.from\.1: path '.*/empty' is not a checkpoint folder"),
+    ({"data": {"path": "{t}/nope"}}, r"stages\.data\.path: '.*/nope' does not exist"),
+    ({"data": {"path": "{t}/only_train"}}, r"stages\.data\.path: '.*/only_train' holds no eval\.jsonl or eval\.parquet"),
+    ({"model": {"path": "{t}/empty"}}, r"stages\.model\.path: '.*/empty' is not a checkpoint folder"),
+    ({"sft": {"from": "sft", "data": "{t}/only_train", "phases": [{"name": "a", "steps": 1}]}},
+     r"stages\.sft\.from: a stage cannot read its own output"),
+])
+def test_paths_are_checked_for_what_the_stage_reads(tmp_path, stages, match):
+    """A folder that exists but holds no checkpoint (or no split the stage reads) fails at
+    validate, as a missing one does, not when its stage starts hours into a run."""
+    raw = _paths_recipe(tmp_path, yaml.safe_load(yaml.safe_dump(stages).replace("{t}", str(tmp_path))))
+    with pytest.raises(RecipeError, match=match):
+        validate_recipe(raw, "r.yaml")
+
+
+def test_paths_that_hold_what_the_stage_reads_validate(tmp_path):
+    stages = {"data": {"path": str(tmp_path / "both")}, "sft": {"from": str(tmp_path / "ckpt"), "data": str(tmp_path / "only_train"),
+              "phases": [{"name": "a", "steps": 1}]}, "ev": {"kind": "eval", "from": "sft", "data": str(tmp_path / "both" / "eval.jsonl")}}
+    raw = _paths_recipe(tmp_path, stages)
+    (tmp_path / "both").mkdir()
+    (tmp_path / "both" / "train.parquet").write_bytes(b"")
+    (tmp_path / "both" / "eval.jsonl").write_text("")
+    assert list(validate_recipe(raw, "r.yaml").stages) == ["data", "sft", "ev"]
+
+
 def test_fingerprint_changes_with_config():
     a = load_recipe(TINY)
     b = load_recipe(TINY, ["pretrain.phases.0.steps=1"])

@@ -292,28 +292,57 @@ def looks_like_path(ref: str) -> bool:
     return "/" in ref or ref.startswith((".", "~"))
 
 
+MODEL_REF_KINDS = ("model", "pretrain", "sft", "rl", "merge")
+
+
+def _path_problem(ref: str, need: str) -> str | None:
+    """What keeps a path from serving as `need` ('checkpoint', or the dataset splits it must
+    hold, 'train+eval'), or None. Only names and files are looked at, nothing is loaded."""
+    p = Path(ref).expanduser()
+    if not p.exists():
+        return "does not exist"
+    if need == "checkpoint":
+        if p.is_file():
+            return "is a file: expected a checkpoint folder (a Hugging Face model directory holding config.json)"
+        return None if (p / "config.json").is_file() else "is not a checkpoint folder (no config.json in it): expected a Hugging Face model directory"
+    from vlrl.data.io import FORMATS
+
+    if p.is_file():
+        return None if p.suffix in FORMATS else f"is not a record file: expected {' or '.join(FORMATS)}, or a dataset folder"
+    for split in need.split("+"):
+        if not any((p / f"{split}{ext}").is_file() for ext in FORMATS):
+            return f"holds no {' or '.join(split + ext for ext in FORMATS)}: expected a dataset folder"
+    return None
+
+
 def _check_references(recipe: Recipe, source: str) -> None:
-    """Every `from:` names an earlier stage that yields a model, every `data:` a data stage or folder."""
+    """Every `from:` names an earlier stage that yields a model, every `data:` a data stage or
+    folder; a path given instead is checked for what the stage will read there (a checkpoint,
+    a dataset split), so that a wrong folder fails here rather than when its stage starts."""
     seen: dict[str, str] = {}
     for name, st in recipe.stages.items():
-        refs: list[tuple[str, str | None, tuple[str, ...]]] = []
+        trains = st.kind in ("pretrain", "sft", "rl")
+        # (key, reference, stage kinds it may name, what a path must hold)
+        refs: list[tuple[str, str | None, tuple[str, ...], str]] = []
         if hasattr(st, "from_"):
-            refs.append(("from", st.from_, ("model", "pretrain", "sft", "rl", "merge")))
+            refs.append(("from", st.from_, MODEL_REF_KINDS, "checkpoint"))
         for i, part in enumerate(getattr(st, "parts", None) or []):
-            refs.append((f"from.{i}", part, ("model", "pretrain", "sft", "rl", "merge")))
+            refs.append((f"from.{i}", part, MODEL_REF_KINDS, "checkpoint"))
         if getattr(st, "data", None) is not None:
-            refs.append(("data", st.data, ("data",)))
+            refs.append(("data", st.data, ("data",), "train" if trains else getattr(st, "split", recipe.eval.split)))
         for i, phase in enumerate(getattr(st, "phases", None) or []):
             if getattr(phase, "data", None) is not None:
-                refs.append((f"phases.{i}.data", phase.data, ("data",)))
+                refs.append((f"phases.{i}.data", phase.data, ("data",), "train"))
         for i, ref in enumerate(getattr(st, "exclude", None) or []):
-            refs.append((f"exclude.{i}", ref, ("data",)))
+            refs.append((f"exclude.{i}", ref, ("data",), "eval"))
         ev = st.eval if isinstance(st.eval, EvalSpec) else None
         if ev and ev.data:
-            refs.append(("eval.data", ev.data, ("data",)))
-        for key, ref, kinds in refs:
+            refs.append(("eval.data", ev.data, ("data",), ev.split))
+        for key, ref, kinds, need in refs:
             if ref is None:
                 continue
+            if ref == name:
+                raise RecipeError(f"{source}: stages.{name}.{key}: a stage cannot read its own output; name an earlier stage")
             if ref in seen:
                 if seen[ref] not in kinds:
                     raise RecipeError(
@@ -325,12 +354,18 @@ def _check_references(recipe: Recipe, source: str) -> None:
             before = ", ".join(seen) or "none"
             if not looks_like_path(ref):
                 raise RecipeError(f"{source}: stages.{name}.{key}: {ref!r} names no earlier stage (earlier: {before}); a path needs a '/' (e.g. ./{ref})")
-            if not Path(ref).expanduser().exists():
-                raise RecipeError(f"{source}: stages.{name}.{key}: path {ref!r} does not exist")
+            if problem := _path_problem(ref, need):
+                raise RecipeError(f"{source}: stages.{name}.{key}: path {ref!r} {problem}")
+        own = getattr(st, "path", None)
+        if own is not None and (problem := _path_problem(own, "checkpoint" if st.kind == "model" else "train+eval")):
+            raise RecipeError(f"{source}: stages.{name}.path: {own!r} {problem}")
         seen[name] = st.kind
     ref = recipe.eval.data
-    if ref is not None and ref not in seen and not (looks_like_path(ref) and Path(ref).expanduser().exists()):
-        raise RecipeError(f"{source}: eval.data: {ref!r} is neither a data stage nor an existing path (with a '/')")
+    if ref is not None and ref not in seen:
+        if not looks_like_path(ref):
+            raise RecipeError(f"{source}: eval.data: {ref!r} is neither a data stage nor a path (with a '/')")
+        if problem := _path_problem(ref, recipe.eval.split):
+            raise RecipeError(f"{source}: eval.data: path {ref!r} {problem}")
 
 
 def validate_recipe(raw: Any, source: str = "<recipe>") -> Recipe:

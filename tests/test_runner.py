@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 
 from vlrl.data.io import load_records
 from vlrl.errors import DataError, RecipeError
-from vlrl.recipe import validate_recipe
+from vlrl.recipe import apply_overrides, validate_recipe
 from vlrl.runner import run_recipe
 from vlrl.tracking import read_metrics
 
@@ -238,3 +238,23 @@ def test_a_dataset_folder_is_read_whole_by_its_data_stage(tmp_path):
     raw["run_dir"] = str(tmp_path / "run2")
     with pytest.raises(DataError, match=r"eval\.jsonl line 2: field 'difficulty'"):
         run_recipe(validate_recipe(raw), console=Console(file=io.StringIO()))
+
+
+def test_stage_skips_a_complete_stage_and_force_redoes_it(tmp_path):
+    """`vlrl stage` on a complete stage whose config changed used to rerun only its eval and
+    write the new config's fingerprint into DONE.json, over output made with the old one."""
+    raw = micro_recipe(tmp_path / "run")
+    raw["stages"] = {"data": raw["stages"]["data"]}
+    p = _write(tmp_path, raw)
+    done = tmp_path / "run" / "data" / "DONE.json"
+    assert _cli("stage", "data", str(p)).returncode == 0
+    before = done.read_text()
+    res = _cli("stage", "data", str(p), "data.n=90")
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "stage data: complete, skipped (its config changed since; rerun with --force)" in " ".join(res.stdout.split())
+    assert done.read_text() == before and len(load_records(tmp_path / "run" / "data" / "train.jsonl")) == 80
+    res = _cli("stage", "data", str(p), "data.n=90", "--force")
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "previous output moved to" in res.stdout and len(list((tmp_path / "run").glob("data.replaced-*"))) == 1
+    assert len(load_records(tmp_path / "run" / "data" / "train.jsonl")) == 90
+    assert json.loads(done.read_text())["fingerprint"] == validate_recipe(apply_overrides(raw, ["data.n=90"])).stage_fingerprint("data")

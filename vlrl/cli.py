@@ -70,15 +70,22 @@ def run(
 
 
 @app.command()
-def stage(name: str, recipe: Path, overrides: Optional[list[str]] = OverridesArg) -> None:
-    """Run one stage of a recipe (its inputs must be complete)."""
+def stage(
+    name: str,
+    recipe: Path,
+    overrides: Optional[list[str]] = OverridesArg,
+    force: bool = typer.Option(False, "--force", help="rerun the stage even if complete (old output is kept aside)"),
+) -> None:
+    """Run one stage of a recipe (its inputs must be complete); a complete stage is skipped, an interrupted one resumes."""
     from vlrl.recipe import load_recipe
-    from vlrl.runner import run_stage
+    from vlrl.runner import run_recipe
 
     r = load_recipe(recipe, overrides or [])
     if name not in r.stages:
         raise VlrlError(f"{recipe}: no stage named {name!r} (stages: {', '.join(r.stages)})")
-    run_stage(r, name, console=console)
+    # Through the runner, as `vlrl run` does: running a complete stage again would rewrite its
+    # DONE.json with the current config's fingerprint over a checkpoint trained on the old one.
+    run_recipe(r, console=console, force=[name] if force else [], only=[name])
 
 
 @model_app.command("init")

@@ -209,7 +209,8 @@ def run_recipe(recipe: Recipe, *, console: Console | None = None, force: list[st
             done = json.loads((stage_dir / "DONE.json").read_text())
             note = ""
             if done.get("fingerprint") != recipe.stage_fingerprint(name):
-                note = f" [yellow](its config changed since; rerun with --force {name})[/]"
+                flag = "--force" if only == [name] else f"--force {name}"  # `vlrl stage NAME` takes a bare --force
+                note = f" [yellow](its config changed since; rerun with {flag})[/]"
             console.print(f"[dim]stage {name}: complete, skipped[/]{note}")
             results[name] = done
             continue

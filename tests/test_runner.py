@@ -258,3 +258,23 @@ def test_stage_skips_a_complete_stage_and_force_redoes_it(tmp_path):
     assert "previous output moved to" in res.stdout and len(list((tmp_path / "run").glob("data.replaced-*"))) == 1
     assert len(load_records(tmp_path / "run" / "data" / "train.jsonl")) == 90
     assert json.loads(done.read_text())["fingerprint"] == validate_recipe(apply_overrides(raw, ["data.n=90"])).stage_fingerprint("data")
+
+
+def test_a_stage_made_from_an_input_since_redone_says_so(tmp_path):
+    """--force on a stage leaves the complete stages that read it as they were; the runner
+    says so when it skips them, in the run that redoes the input and in any later one."""
+    raw = micro_recipe(tmp_path / "run")
+    raw["stages"] = {"data": raw["stages"]["data"], "corpus": {"kind": "data", "n": 20, "n_eval": 2, "seed": 2, "exclude": ["data"]}}
+    recipe = validate_recipe(raw)
+
+    def run(**kw) -> str:
+        out = io.StringIO()
+        run_recipe(recipe, console=Console(file=out, width=300), **kw)
+        return out.getvalue()
+
+    run()
+    assert "made from an earlier output" not in run()
+    assert "stage corpus: complete, skipped (made from an earlier output of data; --force corpus redoes it)" in run(force=["data"])
+    assert "made from an earlier output of data" in run()  # still stale in a later run
+    run(force=["corpus"])
+    assert "made from an earlier output" not in run()

@@ -141,6 +141,14 @@ def is_complete(stage_dir: Path) -> bool:
     return (stage_dir / "DONE.json").is_file()
 
 
+def _finished(stage_dir: Path) -> float | None:
+    """When a complete stage's output was finished (its DONE.json), or None."""
+    try:
+        return json.loads((stage_dir / "DONE.json").read_text()).get("finished")
+    except (OSError, ValueError):
+        return None
+
+
 def _write_json_atomic(path: Path, obj: Any) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(json.dumps(obj, indent=2))
@@ -188,7 +196,11 @@ def run_stage(recipe: Recipe, name: str, *, console: Console | None = None, base
                 console.print(note)
             if rows:
                 summary["vs_start"] = {r.group: {"delta": r.delta, "ci": [r.ci_low, r.ci_high], "p": r.p_value} for r in rows}
-    done = {"stage": name, "kind": st.kind, "fingerprint": recipe.stage_fingerprint(name), "seconds": round(time.time() - t0, 1), "finished": time.time(), "summary": summary}
+    from vlrl.stage_pool import stage_deps
+
+    inputs = {d: _finished(base / d) for d in stage_deps(recipe, name)}  # which output of each input this one was made from
+    done = {"stage": name, "kind": st.kind, "fingerprint": recipe.stage_fingerprint(name), "seconds": round(time.time() - t0, 1), "finished": time.time(),
+            "inputs": inputs, "summary": summary}
     _write_json_atomic(stage_dir / "DONE.json", done)
     return done
 
@@ -199,18 +211,27 @@ def run_recipe(recipe: Recipe, *, console: Console | None = None, force: list[st
     base = recipe.base_dir()
     base.mkdir(parents=True, exist_ok=True)
     (base / "recipe.resolved.json").write_text(recipe.model_dump_json(indent=2, by_alias=True))
+    from vlrl.stage_pool import stage_deps
+
     results: dict[str, dict] = {}
     to_run: list[str] = []
+    stale: list[str] = []  # complete stages skipped although a stage they read runs again now
     for name in recipe.stages:
         if only and name not in only:
             continue
         stage_dir = base / name
         if is_complete(stage_dir) and name not in (force or []):
             done = json.loads((stage_dir / "DONE.json").read_text())
+            flag = "--force" if only == [name] else f"--force {name}"  # `vlrl stage NAME` takes a bare --force
             note = ""
             if done.get("fingerprint") != recipe.stage_fingerprint(name):
-                flag = "--force" if only == [name] else f"--force {name}"  # `vlrl stage NAME` takes a bare --force
                 note = f" [yellow](its config changed since; rerun with {flag})[/]"
+            # Said because nothing else would: its output stays the one made from the old input.
+            made_from = done.get("inputs") or {}
+            redone = [d for d in stage_deps(recipe, name) if d in to_run or d in stale or (d in made_from and made_from[d] != _finished(base / d))]
+            if redone:
+                stale.append(name)
+                note += f" [yellow](made from an earlier output of {redone[0]}; {flag} redoes it)[/]"
             console.print(f"[dim]stage {name}: complete, skipped[/]{note}")
             results[name] = done
             continue

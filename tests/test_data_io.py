@@ -161,3 +161,31 @@ def test_union_fields_report_the_real_problem(tmp_path, content, expected):
     with pytest.raises(DataError) as e:
         load_records(p)
     assert str(e.value).endswith(expected)
+
+
+def test_hugging_face_datasets_parquet_layout_reads_as_is(tmp_path):
+    """What `datasets.Dataset.to_parquet` writes: nested `messages` (not a JSON string), no
+    `meta` column, `images` as a list of {bytes, path} structs (an Image() sequence)."""
+    from PIL import Image
+
+    from vlrl.data.images import RecordDataset
+    from vlrl.data.synth.render import png_bytes
+
+    content = pa.list_(pa.struct([("type", pa.string()), ("text", pa.string())]))
+    table = pa.table({
+        "id": ["a", "b"],
+        "messages": pa.array([
+            [{"role": "user", "content": [{"type": "image", "text": None}, {"type": "text", "text": "colour?"}]},
+             {"role": "assistant", "content": [{"type": "text", "text": "\\boxed{red}"}]}],
+            [{"role": "user", "content": [{"type": "text", "text": "1 + 1?"}]}],
+        ], pa.list_(pa.struct([("role", pa.string()), ("content", content)]))),
+        "images": pa.array([[{"bytes": png_bytes(Image.new("RGB", (8, 8), "red")), "path": None}], []],
+                           pa.list_(pa.struct([("bytes", pa.binary()), ("path", pa.string())]))),
+        "answer": ["red", "2"],
+        "family": ["perception", "text"],
+        "difficulty": pa.array([1, 2], pa.int64()),
+    })
+    pq.write_table(table, tmp_path / "train.parquet")
+    ds = RecordDataset(tmp_path / "train.parquet")
+    assert [s.record.answer for s in ds] == ["red", "2"] and ds[0].images[0].getpixel((0, 0)) == (255, 0, 0)
+    assert ds[0].record.target_text() == "\\boxed{red}" and ds[1].record.prompt_messages()[0].parts()[0].text == "1 + 1?"

@@ -51,11 +51,11 @@ from rlhf.health import (
 from sft.state import rng_state, set_rng_state
 from rlhf.curriculum import PromptCurriculum
 from rlhf.placement import RankGroup, check_resources, make_rollout_pool, rank_bundles, spawn, spawn_ranks, start_ray, stop_ray
+from rlhf.reward_config import validate_rewards
 from rlhf.workers import PolicyTrainer, ReferenceWorker, RewardWorker
 from rollout.engine import Completion, GenerationRequest, SamplingParams
 from rollout.store import RolloutRow, RolloutStatus, RolloutStore
 from sft.trainer import lr_at
-from vlrl.errors import RecipeError
 from vlrl.recipe_rl import RlStage
 
 
@@ -83,28 +83,6 @@ class Timer:
             yield
         finally:
             self.seconds[name] += time.perf_counter() - t
-
-
-def validate_rewards(cfg: RlStage, where: str):
-    """The rewards section, checked before anything is loaded."""
-    from rewards.stack import RewardStackConfig
-
-    from rewards.stack import ComponentConfig
-
-    try:
-        stack = RewardStackConfig.model_validate(cfg.rewards)
-    except Exception as e:  # pydantic's message, made one line
-        first = str(e).splitlines()
-        raise RecipeError(f"{where}.rewards: {' '.join(s.strip() for s in first[:3])}") from None
-    if not cfg.reward_terms:
-        return stack
-    clash = sorted(set(cfg.reward_terms) & set(stack.components))
-    if clash:
-        raise RecipeError(f"{where}.reward_terms: {clash} already named in rewards.components; rename the term")
-    # Added on top of the stack as given (its default routing kept): a copy, not a re-validation,
-    # which would read `components` as user-set and drop the default routes.
-    terms = {name: ComponentConfig(fn=t.fn or name, weight=t.weight, args=t.args) for name, t in cfg.reward_terms.items()}
-    return stack.model_copy(update={"components": {**stack.components, **terms}, "always": [*stack.always, *terms]})
 
 
 class Controller:

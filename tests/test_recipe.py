@@ -247,3 +247,17 @@ def test_cli_run_missing_input_is_one_line(tmp_path):
     assert res.returncode == 2
     lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and "stages.rl.from" in lines[0] and "does not exist" in lines[0], res.stderr
+
+
+@pytest.mark.parametrize("override,expected", [
+    ("rl.rewards.bogus=1", "stages.rl.rewards.bogus: unknown key (got 1)"),
+    ("rl.rewards.default_route=[answer_mtch]", "stages.rl.rewards: default_route: unknown component(s) ['answer_mtch']"),
+])
+def test_cli_checks_the_rl_rewards_section_before_anything_runs(tmp_path, override, expected):
+    """The kernel passes `rewards` through as a mapping; the CLI checks it with the rewards
+    schema at validate and run, where a typo used to wait for the RL stage to start."""
+    res = _cli("validate", str(TINY), override)
+    lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
+    assert res.returncode == 2 and len(lines) == 1 and f"tiny.yaml: {expected}" in lines[0], res.stderr
+    res = _cli("run", str(TINY), override, f"run_dir={tmp_path / 'run'}")
+    assert res.returncode == 2 and expected in res.stderr and not (tmp_path / "run").exists()

@@ -39,12 +39,26 @@ err_console = Console(stderr=True)
 OverridesArg = typer.Argument(None, help="dotted overrides, e.g. pretrain.optim.lr=3e-4 device=cpu")
 
 
+def _load(recipe: Path, overrides: list[str] | None):
+    """The recipe, validated, with the sections whose schemas live outside the kernel (an RL
+    stage's `rewards`) checked too, so that a typo there fails before the first stage runs."""
+    from vlrl.recipe import load_recipe
+
+    r = load_recipe(recipe, overrides or [])
+    rl = [(n, s) for n, s in r.stages.items() if s.kind == "rl"]
+    if rl and importlib.util.find_spec("rlhf") is not None:
+        check = getattr(importlib.import_module("rlhf.reward_config"), "validate_rewards")  # lazily: vlrl never imports rlhf
+        for name, st in rl:
+            check(st, f"{recipe}: stages.{name}")
+    return r
+
+
 @app.command()
 def validate(recipe: Path, overrides: Optional[list[str]] = OverridesArg) -> None:
     """Check a recipe (keys, types, stage references) without running anything."""
-    from vlrl.recipe import BUILT_KINDS, load_recipe
+    from vlrl.recipe import BUILT_KINDS
 
-    r = load_recipe(recipe, overrides or [])
+    r = _load(recipe, overrides)
     console.print(f"[green]ok[/]: {recipe} — {len(r.stages)} stage(s): " + " -> ".join(f"{n} ({s.kind})" for n, s in r.stages.items()))
     for n, s in r.stages.items():
         if s.kind not in BUILT_KINDS:
@@ -58,10 +72,9 @@ def run(
     force: list[str] = typer.Option([], "--force", help="rerun this stage even if complete (old output is kept aside)"),
 ) -> None:
     """Run every stage of a recipe in order; complete stages are skipped, an interrupted one resumes."""
-    from vlrl.recipe import load_recipe
     from vlrl.runner import run_recipe
 
-    r = load_recipe(recipe, overrides or [])
+    r = _load(recipe, overrides)
     unknown = [f for f in force if f not in r.stages]
     if unknown:
         raise VlrlError(f"--force {unknown[0]!r}: no such stage (stages: {', '.join(r.stages)})")
@@ -77,10 +90,9 @@ def stage(
     force: bool = typer.Option(False, "--force", help="rerun the stage even if complete (old output is kept aside)"),
 ) -> None:
     """Run one stage of a recipe (its inputs must be complete); a complete stage is skipped, an interrupted one resumes."""
-    from vlrl.recipe import load_recipe
     from vlrl.runner import run_recipe
 
-    r = load_recipe(recipe, overrides or [])
+    r = _load(recipe, overrides)
     if name not in r.stages:
         raise VlrlError(f"{recipe}: no stage named {name!r} (stages: {', '.join(r.stages)})")
     # Through the runner, as `vlrl run` does: running a complete stage again would rewrite its

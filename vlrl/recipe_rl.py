@@ -1,9 +1,9 @@
 """Config of the RL stage (kept apart from vlrl/recipe.py: one stage kind per module).
 
-Everything here is checked at `vlrl validate`, before any compute, except the `rewards`
-section: its schema belongs to `rewards/` (which the kernel must not import), so it is
-passed through as a mapping and validated by `RewardStack.from_config` as the stage
-starts, before any model is loaded. See docs/rl-stage.md for every key.
+Everything here is checked at `vlrl validate`, before any compute. The `rewards` section's
+schema belongs to `rewards/` (which the kernel must not import), so it is passed through as
+a mapping here and checked by the CLI (`vlrl validate`, `run`, `stage`) and again as the
+stage starts, by rlhf/reward_config.py. See docs/rl-stage.md for every key.
 """
 
 from __future__ import annotations

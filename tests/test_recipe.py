@@ -261,3 +261,8 @@ def test_cli_checks_the_rl_rewards_section_before_anything_runs(tmp_path, overri
     assert res.returncode == 2 and len(lines) == 1 and f"tiny.yaml: {expected}" in lines[0], res.stderr
     res = _cli("run", str(TINY), override, f"run_dir={tmp_path / 'run'}")
     assert res.returncode == 2 and expected in res.stderr and not (tmp_path / "run").exists()
+
+
+def test_an_unknown_model_preset_fails_at_validate():
+    with pytest.raises(RecipeError, match=r"stages\.model\.preset: input should be 'tiny' or 'micro' \(got 'tny'\)"):
+        load_recipe(TINY, ["model.preset=tny"])

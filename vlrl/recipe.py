@@ -67,7 +67,7 @@ class ModelStage(_StageBase):
     """Builds the in-repo tiny model, or points at a local Hugging Face checkpoint."""
 
     kind: Literal["model"] = "model"
-    preset: str = "tiny"
+    preset: Literal["tiny", "micro"] = Field("tiny", description="a size of vlrl/model/tiny.py TINY_PRESETS (named here so that a typo fails at validate)")
     path: str | None = Field(None, description="a local checkpoint folder (e.g. Qwen2.5-VL-3B-Instruct) instead of a tiny model")
     corpus_size: int = Field(20000, ge=100, description="texts for training the tiny tokenizer")
     seed: int = 0

@@ -266,3 +266,10 @@ def test_cli_checks_the_rl_rewards_section_before_anything_runs(tmp_path, overri
 def test_an_unknown_model_preset_fails_at_validate():
     with pytest.raises(RecipeError, match=r"stages\.model\.preset: input should be 'tiny' or 'micro' \(got 'tny'\)"):
         load_recipe(TINY, ["model.preset=tny"])
+
+
+def test_cli_errors_keep_brackets_in_paths(tmp_path):
+    """rich read `[v2]` in a path as a markup tag and dropped it from the message."""
+    missing = tmp_path / "set[v2]" / "nope"
+    res = _cli("validate", str(TINY), f"data.path={missing}")
+    assert res.returncode == 2 and f"'{missing}' does not exist" in " ".join(res.stderr.split()), res.stderr

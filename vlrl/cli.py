@@ -16,6 +16,7 @@ from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from vlrl.errors import VlrlError
 
@@ -314,7 +315,8 @@ def main() -> None:
     try:
         app()
     except VlrlError as e:
-        err_console.print(f"[bold red]error[/]: {e}", soft_wrap=True, highlight=False)
+        # escape: a message names paths and values, whose [brackets] rich would take for markup and drop
+        err_console.print(f"[bold red]error[/]: {escape(str(e))}", soft_wrap=True, highlight=False)
         sys.exit(2)
     except KeyboardInterrupt:
         err_console.print("[yellow]interrupted[/]: rerun the same command to resume")

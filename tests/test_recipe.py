@@ -273,3 +273,15 @@ def test_cli_errors_keep_brackets_in_paths(tmp_path):
     missing = tmp_path / "set[v2]" / "nope"
     res = _cli("validate", str(TINY), f"data.path={missing}")
     assert res.returncode == 2 and f"'{missing}' does not exist" in " ".join(res.stderr.split()), res.stderr
+
+
+@pytest.mark.parametrize("override,expected", [
+    ("data.mix={reasonin: 1.0}", "stages.data.mix.reasonin: input should be 'perception', 'reasoning' or 'text' (got 'reasonin')"),
+    ("pretrain.phases.3.select.weights={percepton: 0.6}", "stages.pretrain.phases.3.select.weights.percepton: input should be 'perception'"),
+    ("data.mix={text: -1}", "stages.data.mix.text: input should be greater than or equal to 0 (got -1)"),
+])
+def test_family_shares_are_keyed_by_family(override, expected):
+    """A misspelt family in a share passed validate and weighed nothing (or failed in the stage)."""
+    with pytest.raises(RecipeError) as e:
+        load_recipe(TINY, [override])
+    assert expected in str(e.value)

@@ -21,7 +21,7 @@ import yaml
 from pydantic import Field, ValidationError, model_validator
 
 from vlrl.errors import RecipeError
-from vlrl.recipe_base import DataSelect, EvalSpec, OptimSpec, TrackingSpec, TrainerPrecision, _StageBase, _Strict  # noqa: F401 (re-exported)
+from vlrl.recipe_base import DataSelect, EvalSpec, FamilyWeights, OptimSpec, TrackingSpec, TrainerPrecision, _StageBase, _Strict  # noqa: F401 (re-exported)
 from vlrl.recipe_rl import RlStage
 from vlrl.recipe_sft import MergeStage, SftStage
 
@@ -41,7 +41,7 @@ class DataStage(_StageBase):
     n: int = Field(4000, ge=1, description="train records")
     n_eval: int = Field(300, ge=1, description="held-out eval records")
     format: Literal["jsonl", "parquet"] = "jsonl"
-    mix: dict[str, float] | None = Field(None, description="share of each family in the generated data")
+    mix: FamilyWeights | None = Field(None, description="share of each family in the generated data")
     exclude: list[str] = Field(
         default_factory=list,
         description="earlier data stages whose eval records this stage's train split must not contain (a corpus generated beside a held-out set)",
@@ -173,8 +173,9 @@ class Recipe(_Strict):
 
 
 def _fmt_loc(loc: tuple[Any, ...], raw: dict) -> str:
-    """Dotted key path, without the discriminator tag pydantic inserts for stages."""
-    parts = list(loc)
+    """Dotted key path, without the discriminator tag pydantic inserts for stages, nor the
+    '[key]' it appends when a mapping's key (not its value) is wrong."""
+    parts = [p for p in loc if p != "[key]"]
     if len(parts) >= 3 and parts[0] == "stages" and parts[2] in STAGE_KINDS:
         st = raw.get("stages", {}).get(parts[1]) if isinstance(raw.get("stages"), dict) else None
         kind = (st or {}).get("kind", parts[1]) if isinstance(st, dict) else None

@@ -90,24 +90,23 @@ def default_eval_data(recipe: Recipe, name: str) -> str | None:
 
 
 def resolve_inputs(recipe: Recipe, name: str, base: Path) -> dict[str, Path]:
-    st = recipe.stages[name]
     inputs: dict[str, Path] = {}
-    for key, attr in (("from", "from_"), ("data", "data")):
-        ref = getattr(st, attr, None)
-        if key == "data" and ref is None and st.kind == "eval":
-            ref = default_eval_data(recipe, name)
+    for key, ref in stage_refs(recipe, name):
         p = _resolve(recipe, ref, base)
         if p is not None:
             inputs[key] = p
-    for key, ref in _extra_refs(st):
-        inputs[key] = _resolve(recipe, ref, base)
     return inputs
 
 
-def stage_refs(st) -> list[tuple[str, str | None]]:
+def stage_refs(recipe: Recipe, name: str) -> list[tuple[str, str | None]]:
     """(recipe key, reference) of every stage or folder a stage reads besides a merge's parts
-    (the merge stage checks those itself)."""
-    return [("from", getattr(st, "from_", None)), ("data", getattr(st, "data", None)), *_extra_refs(st)]
+    (the merge stage checks those itself). An eval stage without `data` reads the default
+    eval data, which the pool must wait for like any other input."""
+    st = recipe.stages[name]
+    data = getattr(st, "data", None)
+    if data is None and st.kind == "eval":
+        data = default_eval_data(recipe, name)
+    return [("from", getattr(st, "from_", None)), ("data", data), *_extra_refs(st)]
 
 
 def _extra_refs(st) -> list[tuple[str, str]]:
@@ -171,7 +170,7 @@ def run_stage(recipe: Recipe, name: str, *, console: Console | None = None, base
     st = recipe.stages[name]
     impl = _load_impl(st.kind)
     if require_inputs:
-        for ref_key, ref in stage_refs(st):
+        for ref_key, ref in stage_refs(recipe, name):
             if ref in recipe.stages and not is_complete(base / ref) and not getattr(recipe.stages[ref], "path", None):
                 raise VlrlError(f"stage {name!r} needs stage {ref!r} ({ref_key}), which is not complete; run `vlrl run` or `vlrl stage {ref}` first")
     device = resolve_device(recipe.device)

@@ -278,3 +278,21 @@ def test_a_stage_made_from_an_input_since_redone_says_so(tmp_path):
     assert "made from an earlier output of data" in run()  # still stale in a later run
     run(force=["corpus"])
     assert "made from an earlier output" not in run()
+
+
+def test_a_dataset_folders_first_run_leaves_what_reads_it_current(tmp_path):
+    """`vlrl stage` may run a stage before the data stage naming a folder has run (its output
+    is the folder); that data stage's first run later changes nothing the stage read."""
+    from vlrl.data.synth import make_dataset
+
+    make_dataset(tmp_path / "mine", seed=3, n=6, n_eval=3, families_mix={"text": 1.0})
+    raw = {"name": "own", "run_dir": str(tmp_path / "run"), "device": "cpu",
+           "stages": {"mine": {"kind": "data", "path": str(tmp_path / "mine")}, "corpus": {"kind": "data", "n": 10, "n_eval": 2, "exclude": ["mine"]}}}
+    recipe = validate_recipe(raw)
+    run_recipe(recipe, console=Console(file=io.StringIO()), only=["corpus"])
+    out = io.StringIO()
+    run_recipe(recipe, console=Console(file=out, width=300))
+    assert "stage corpus: complete, skipped\n" in out.getvalue()
+    out = io.StringIO()
+    run_recipe(recipe, console=Console(file=out, width=300), force=["mine"])
+    assert "stage corpus: complete, skipped (made from an earlier output of mine" in out.getvalue()

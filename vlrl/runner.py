@@ -197,7 +197,8 @@ def run_stage(recipe: Recipe, name: str, *, console: Console | None = None, base
                 summary["vs_start"] = {r.group: {"delta": r.delta, "ci": [r.ci_low, r.ci_high], "p": r.p_value} for r in rows}
     from vlrl.stage_pool import stage_deps
 
-    inputs = {d: _finished(base / d) for d in stage_deps(recipe, name)}  # which output of each input this one was made from
+    # Which output of each input this one was made from (a dataset folder's stage may not have run).
+    inputs = {d: t for d in stage_deps(recipe, name) if (t := _finished(base / d)) is not None}
     done = {"stage": name, "kind": st.kind, "fingerprint": recipe.stage_fingerprint(name), "seconds": round(time.time() - t0, 1), "finished": time.time(),
             "inputs": inputs, "summary": summary}
     _write_json_atomic(stage_dir / "DONE.json", done)
@@ -227,7 +228,8 @@ def run_recipe(recipe: Recipe, *, console: Console | None = None, force: list[st
                 note = f" [yellow](its config changed since; rerun with {flag})[/]"
             # Said because nothing else would: its output stays the one made from the old input.
             made_from = done.get("inputs") or {}
-            redone = [d for d in stage_deps(recipe, name) if d in to_run or d in stale or (d in made_from and made_from[d] != _finished(base / d))]
+            redone = [d for d in stage_deps(recipe, name) if d in stale or (d in made_from and made_from[d] != _finished(base / d))
+                      or (d in to_run and (d in (force or []) or not getattr(recipe.stages[d], "path", None)))]  # a folder's first run changes nothing
             if redone:
                 stale.append(name)
                 note += f" [yellow](made from an earlier output of {redone[0]}; {flag} redoes it)[/]"

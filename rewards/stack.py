@@ -138,10 +138,14 @@ class RewardStackConfig(BaseModel):
             return cls.model_validate(cfg)
         except ValidationError as e:
             errs = e.errors()
-            loc = "".join(f".{x}" for x in errs[0]["loc"])
-            msg = errs[0]["msg"].removeprefix("Value error, ")
+            err = errs[0]
+            loc = "".join(f".{x}" for x in err["loc"])
+            # Worded as the recipe's own errors are (vlrl/recipe.py), with the value given.
+            msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"].removeprefix("Value error, ")
+            scalar = err["type"] != "missing" and loc and not isinstance(err.get("input"), dict | list)
+            got = f" (got {err['input']!r})" if scalar else ""
             more = f" [+{len(errs) - 1} more error(s)]" if len(errs) > 1 else ""
-            raise RecipeError(f"{where}{loc}: {msg[:1].lower()}{msg[1:]}{more}") from None
+            raise RecipeError(f"{where}{loc}: {msg[:1].lower()}{msg[1:]}{got}{more}") from None
 
     def with_base_dir(self, base_dir: str | Path) -> "RewardStackConfig":
         """A copy where relative `file.py:function` plugins point into `base_dir` (a recipe's

@@ -24,7 +24,6 @@ import json
 from pathlib import Path
 from typing import Any
 
-import yaml
 
 from vlrl.errors import RecipeError
 
@@ -142,14 +141,12 @@ def run_ablation(
     """Run the variants (see the module docstring) -> path of ablation.json."""
     from rich.console import Console
 
-    from vlrl.recipe import apply_overrides, validate_recipe
+    from vlrl.recipe import apply_overrides, read_recipe_file, validate_recipe
     from vlrl.runner import eval_spec_for, resolve_inputs, run_recipe, stage_output
 
     console = console or Console()
     path = Path(recipe_path)
-    if not path.is_file():
-        raise RecipeError(f"{path}: recipe file not found")
-    raw = yaml.safe_load(path.read_text())
+    raw = read_recipe_file(path)
     if overrides:
         raw = apply_overrides(raw, overrides)
     recipe = validate_recipe(raw, str(path))

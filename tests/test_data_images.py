@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import re
 from dataclasses import replace
 
 import numpy as np
@@ -104,3 +105,21 @@ def test_rendered_samples_for_inspection(tmp_path):
     out = tmp_path / "synth_samples.png"
     sheet.save(out)
     assert Image.open(out).size == (580, len(tasks) * 116)
+
+
+@pytest.mark.parametrize(("name", "content", "expected"), [
+    ("train.jsonl", b"", "no records (empty)"),
+    ("eval.jsonl", b"\n  \n", "no records (only blank lines)"),
+])
+def test_a_file_without_records_is_an_error_naming_it(tmp_path, name, content, expected):
+    """Not a dataset of 0 records: an empty train split would fail later as a phase whose
+    selection matches nothing, an empty eval split would score 0% of 0 and pass."""
+    (tmp_path / name).write_bytes(content)
+    with pytest.raises(DataError, match=rf"file {tmp_path / name}: {re.escape(expected)}"):
+        RecordDataset(tmp_path / name)
+
+
+def test_a_parquet_file_without_rows_is_an_error(tmp_path):
+    write_records(tmp_path / "eval.parquet", [])
+    with pytest.raises(DataError, match=r"eval\.parquet: no records \(empty\)"):
+        RecordDataset(tmp_path / "eval.parquet")

@@ -60,6 +60,28 @@ def test_bad_json_names_file_and_line(tmp_path):
         load_records(p)
 
 
+def test_non_utf8_line_names_file_line_and_byte(tmp_path):
+    p = tmp_path / "latin1.jsonl"
+    p.write_bytes(_good_line(1).encode() + b"\n" + _good_line(2).replace("hi", "caf\u00e9").encode("latin-1") + b"\n")
+    with pytest.raises(DataError) as e:
+        load_records(p)
+    msg = str(e.value)
+    assert f"file {p} line 2: not UTF-8 (byte 0xe9 at byte" in msg and "\n" not in msg
+
+
+def test_json_error_message_reads_once(tmp_path):
+    p = tmp_path / "ctl.jsonl"
+    _write_lines(p, ['{"id": "r1\t", "messages": []}'])
+    with pytest.raises(DataError, match=r"line 1: not valid JSON \(Invalid control character at column 11\)"):
+        load_records(p)
+
+
+def test_utf8_byte_order_mark_is_accepted(tmp_path):
+    p = tmp_path / "bom.jsonl"
+    p.write_bytes(b"\xef\xbb\xbf" + _good_line(1).encode() + b"\r\n" + _good_line(2).encode() + b"\r\n")
+    assert [r.id for r in load_records(p)] == ["r1", "r2"]
+
+
 def test_bad_field_names_line_field_and_expectation(tmp_path):
     p = tmp_path / "bad.jsonl"
     bad = json.dumps({"id": "r3", "messages": [{"role": "robot", "content": "hi"}]})
@@ -115,6 +137,8 @@ def test_unreadable_or_missing_files(tmp_path):
 
 
 def test_split_path(tmp_path):
+    with pytest.raises(DataError, match=r"dataset .*nope does not exist: expected a folder holding eval\.jsonl"):
+        split_path(tmp_path / "nope", "eval")
     with pytest.raises(DataError, match="no train.jsonl or train.parquet"):
         split_path(tmp_path, "train")
     write_records(tmp_path / "train.jsonl", [_rec(1)])
@@ -137,3 +161,31 @@ def test_union_fields_report_the_real_problem(tmp_path, content, expected):
     with pytest.raises(DataError) as e:
         load_records(p)
     assert str(e.value).endswith(expected)
+
+
+def test_hugging_face_datasets_parquet_layout_reads_as_is(tmp_path):
+    """What `datasets.Dataset.to_parquet` writes: nested `messages` (not a JSON string), no
+    `meta` column, `images` as a list of {bytes, path} structs (an Image() sequence)."""
+    from PIL import Image
+
+    from vlrl.data.images import RecordDataset
+    from vlrl.data.synth.render import png_bytes
+
+    content = pa.list_(pa.struct([("type", pa.string()), ("text", pa.string())]))
+    table = pa.table({
+        "id": ["a", "b"],
+        "messages": pa.array([
+            [{"role": "user", "content": [{"type": "image", "text": None}, {"type": "text", "text": "colour?"}]},
+             {"role": "assistant", "content": [{"type": "text", "text": "\\boxed{red}"}]}],
+            [{"role": "user", "content": [{"type": "text", "text": "1 + 1?"}]}],
+        ], pa.list_(pa.struct([("role", pa.string()), ("content", content)]))),
+        "images": pa.array([[{"bytes": png_bytes(Image.new("RGB", (8, 8), "red")), "path": None}], []],
+                           pa.list_(pa.struct([("bytes", pa.binary()), ("path", pa.string())]))),
+        "answer": ["red", "2"],
+        "family": ["perception", "text"],
+        "difficulty": pa.array([1, 2], pa.int64()),
+    })
+    pq.write_table(table, tmp_path / "train.parquet")
+    ds = RecordDataset(tmp_path / "train.parquet")
+    assert [s.record.answer for s in ds] == ["red", "2"] and ds[0].images[0].getpixel((0, 0)) == (255, 0, 0)
+    assert ds[0].record.target_text() == "\\boxed{red}" and ds[1].record.prompt_messages()[0].parts()[0].text == "1 + 1?"

@@ -102,8 +102,17 @@ def test_mrope_sections_cover_half_head_dim():
 
 
 def test_unknown_preset():
-    with pytest.raises(ValueError, match="unknown tiny preset 'huge'"):
+    """A user's error (`vlrl model init --preset huge`), one line, no traceback."""
+    with pytest.raises(VlrlError, match="unknown tiny preset 'huge': expected one of tiny, micro"):
         build_tiny_model(CORPUS, preset="huge")
+
+
+def test_the_recipe_names_every_preset():
+    from typing import get_args
+
+    from vlrl.recipe import ModelStage
+
+    assert get_args(ModelStage.model_fields["preset"].annotation) == tuple(TINY_PRESETS)
 
 
 def test_missing_or_invalid_path_is_one_line_error(tmp_path):

@@ -126,12 +126,35 @@ def test_a_key_given_twice_is_refused_not_dropped(tmp_path):
     text = TINY.read_text().replace("      default_route: [answer_match, format]\n", "      default_route: [answer_match, format]\n      routing: {arith: [format]}\n")
     p.write_text(text)
     line = text.splitlines().index("      routing: {arith: [format]}") + 1
-    with pytest.raises(RecipeError, match=rf"dup.yaml: line {line}: not valid YAML \(key 'routing' given twice in one mapping\)"):
+    with pytest.raises(RecipeError, match=rf"dup.yaml: line {line}: not valid YAML \(duplicate key 'routing', first at line {line - 2}\)"):
         load_recipe(p)
     from vlrl.recipe import UniqueKeyLoader
 
     merged = yaml.load("base: &b {x: 1, y: 1}\nover: {<<: *b, x: 2}\n", Loader=UniqueKeyLoader)
     assert merged["over"] == {"x": 2, "y": 1}  # a key brought in by a merge (<<: *sft) may be overridden
+
+
+def test_duplicate_keys_are_refused_with_both_lines(tmp_path):
+    """PyYAML would keep the second `data:` and silently drop the first stage."""
+    p = tmp_path / "dup.yaml"
+    p.write_text("name: x\nstages:\n  data: {n: 5}\n  model: {preset: micro}\n  data: {n: 6}\n")
+    with pytest.raises(RecipeError, match=r"dup\.yaml: line 5: not valid YAML \(duplicate key 'data', first at line 3\)"):
+        load_recipe(p)
+
+
+def test_merge_keys_may_still_be_overridden(tmp_path):
+    p = tmp_path / "merge.yaml"
+    p.write_text("name: x\nstages:\n  data: &d {n: 5, seed: 1}\n  more:\n    <<: *d\n    kind: data\n    seed: 2\n")
+    assert load_recipe(p).stages["more"].seed == 2
+
+
+@pytest.mark.parametrize("item,match", [
+    ("pretrain.optim=[1", r"override 'pretrain.optim=\[1': the value is not valid YAML"),
+    ("pretrian.optim.lr=1", r"override 'pretrian.optim.lr=1': 'pretrian' is neither a stage \(data, reading, .*\) nor a top-level key \(name, "),
+])
+def test_override_errors_name_the_override(item, match):
+    with pytest.raises(RecipeError, match=match):
+        load_recipe(TINY, [item])
 
 
 def test_rl_stage_is_strict(tmp_path):
@@ -150,6 +173,52 @@ def test_merge_parts_are_checked_at_validate():
     raw["stages"]["merge"] = {"from": ["pretrain", "data"]}
     with pytest.raises(RecipeError, match=r"stages\.merge\.from\.1: stage 'data' is a data stage"):
         validate_recipe(raw, "r.yaml")
+
+
+def _paths_recipe(tmp_path, stages: dict) -> dict:
+    ckpt, only_train = tmp_path / "ckpt", tmp_path / "only_train"
+    for d in (ckpt, only_train, tmp_path / "empty"):
+        d.mkdir(exist_ok=True)
+    (ckpt / "config.json").write_text("{}")
+    (only_train / "train.jsonl").write_text("")
+    (tmp_path / "notes.txt").write_text("")
+    return {"name": "p", "stages": stages}
+
+
+@pytest.mark.parametrize("stages,match", [
+    ({"sft": {"from": "{t}/empty", "data": "{t}/only_train", "phases": [{"name": "a", "steps": 1}]}},
+     r"stages\.sft\.from: path '.*/empty' is not a checkpoint folder \(no config\.json in it\)"),
+    ({"sft": {"from": "{t}/notes.txt", "data": "{t}/only_train", "phases": [{"name": "a", "steps": 1}]}},
+     r"stages\.sft\.from: path '.*/notes\.txt' is a file: expected a checkpoint folder"),
+    ({"sft": {"from": "{t}/ckpt", "data": "{t}/empty", "phases": [{"name": "a", "steps": 1}]}},
+     r"stages\.sft\.data: path '.*/empty' holds no train\.jsonl or train\.parquet"),
+    ({"sft": {"from": "{t}/ckpt", "data": "{t}/notes.txt", "phases": [{"name": "a", "steps": 1}]}},
+     r"stages\.sft\.data: path '.*/notes\.txt' is not a record file: expected \.jsonl or \.parquet"),
+    ({"ev": {"kind": "eval", "from": "{t}/ckpt", "data": "{t}/only_train"}},
+     r"stages\.ev\.data: path '.*/only_train' holds no eval\.jsonl or eval\.parquet"),
+    ({"merge": {"from": ["{t}/ckpt", "{t}/empty"]}}, r"stages\.merge\.from\.1: path '.*/empty' is not a checkpoint folder"),
+    ({"data": {"path": "{t}/nope"}}, r"stages\.data\.path: '.*/nope' does not exist"),
+    ({"data": {"path": "{t}/only_train"}}, r"stages\.data\.path: '.*/only_train' holds no eval\.jsonl or eval\.parquet"),
+    ({"model": {"path": "{t}/empty"}}, r"stages\.model\.path: '.*/empty' is not a checkpoint folder"),
+    ({"sft": {"from": "sft", "data": "{t}/only_train", "phases": [{"name": "a", "steps": 1}]}},
+     r"stages\.sft\.from: a stage cannot read its own output"),
+])
+def test_paths_are_checked_for_what_the_stage_reads(tmp_path, stages, match):
+    """A folder that exists but holds no checkpoint (or no split the stage reads) fails at
+    validate, as a missing one does, not when its stage starts hours into a run."""
+    raw = _paths_recipe(tmp_path, yaml.safe_load(yaml.safe_dump(stages).replace("{t}", str(tmp_path))))
+    with pytest.raises(RecipeError, match=match):
+        validate_recipe(raw, "r.yaml")
+
+
+def test_paths_that_hold_what_the_stage_reads_validate(tmp_path):
+    stages = {"data": {"path": str(tmp_path / "both")}, "sft": {"from": str(tmp_path / "ckpt"), "data": str(tmp_path / "only_train"),
+              "phases": [{"name": "a", "steps": 1}]}, "ev": {"kind": "eval", "from": "sft", "data": str(tmp_path / "both" / "eval.jsonl")}}
+    raw = _paths_recipe(tmp_path, stages)
+    (tmp_path / "both").mkdir()
+    (tmp_path / "both" / "train.parquet").write_bytes(b"")
+    (tmp_path / "both" / "eval.jsonl").write_text("")
+    assert list(validate_recipe(raw, "r.yaml").stages) == ["data", "sft", "ev"]
 
 
 def test_fingerprint_changes_with_config():
@@ -217,7 +286,7 @@ def test_cli_validate_imports_and_checks_reward_plugins(tmp_path):
         ({"fn": "nope.py:has_unit"}, "reward plugin file 'nope.py' does not exist"),
         ({"fn": "has_units"}, "unknown reward plugin 'has_units'"),
         ({"fn": "mine.py:has_unit", "args": {"units": "mm"}}, "unknown option(s) ['units']; it accepts ['unit']"),
-        ({"fn": "mine.py:has_unit", "wieght": 2}, "stages.rl.rewards.components.units.wieght: extra inputs are not permitted"),
+        ({"fn": "mine.py:has_unit", "wieght": 2}, "stages.rl.rewards.components.units.wieght: unknown key (got 2)"),
         ({"fn": "overlong", "args": {"max_length": 4, "cache": 8}}, "need 0 < cache <= max_length"),
     ]:
         res = validate(component)
@@ -233,6 +302,7 @@ def test_run_checks_reward_plugins_before_any_stage(tmp_path):
 
     run_dir = tmp_path / "run"
     (run_dir / "rl").mkdir(parents=True)  # an earlier rl output, which --force would move aside
+    (tmp_path / "config.json").write_text("{}")  # `from:` is checked to be a checkpoint folder
     raw = {
         "name": "t",
         "run_dir": str(run_dir),
@@ -244,3 +314,41 @@ def test_run_checks_reward_plugins_before_any_stage(tmp_path):
     with pytest.raises(RecipeError, match=r"^stages\.rl\.rewards\.components\.x: unknown reward plugin 'no_such_plugin'"):
         run_recipe(validate_recipe(raw), force=["rl"])
     assert not (run_dir / "data").exists() and (run_dir / "rl").is_dir()
+
+
+@pytest.mark.parametrize("override,expected", [
+    ("rl.rewards.bogus=1", "stages.rl.rewards.bogus: unknown key (got 1)"),
+    ("rl.rewards.default_route=[answer_mtch]", "stages.rl.rewards: default_route: unknown component(s) ['answer_mtch']"),
+])
+def test_cli_checks_the_rl_rewards_section_before_anything_runs(tmp_path, override, expected):
+    """The kernel passes `rewards` through as a mapping; the CLI checks it with the rewards
+    schema at validate and run, where a typo used to wait for the RL stage to start."""
+    res = _cli("validate", str(TINY), override)
+    lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
+    assert res.returncode == 2 and len(lines) == 1 and f"tiny.yaml: {expected}" in lines[0], res.stderr
+    res = _cli("run", str(TINY), override, f"run_dir={tmp_path / 'run'}")
+    assert res.returncode == 2 and expected in res.stderr and not (tmp_path / "run").exists()
+
+
+def test_an_unknown_model_preset_fails_at_validate():
+    with pytest.raises(RecipeError, match=r"stages\.model\.preset: input should be 'tiny' or 'micro' \(got 'tny'\)"):
+        load_recipe(TINY, ["model.preset=tny"])
+
+
+def test_cli_errors_keep_brackets_in_paths(tmp_path):
+    """rich read `[v2]` in a path as a markup tag and dropped it from the message."""
+    missing = tmp_path / "set[v2]" / "nope"
+    res = _cli("validate", str(TINY), f"data.path={missing}")
+    assert res.returncode == 2 and f"'{missing}' does not exist" in " ".join(res.stderr.split()), res.stderr
+
+
+@pytest.mark.parametrize("override,expected", [
+    ("data.mix={reasonin: 1.0}", "stages.data.mix.reasonin: input should be 'perception', 'reasoning' or 'text' (got 'reasonin')"),
+    ("pretrain.phases.3.select.weights={percepton: 0.6}", "stages.pretrain.phases.3.select.weights.percepton: input should be 'perception'"),
+    ("data.mix={text: -1}", "stages.data.mix.text: input should be greater than or equal to 0 (got -1)"),
+])
+def test_family_shares_are_keyed_by_family(override, expected):
+    """A misspelt family in a share passed validate and weighed nothing (or failed in the stage)."""
+    with pytest.raises(RecipeError) as e:
+        load_recipe(TINY, [override])
+    assert expected in str(e.value)

@@ -17,8 +17,8 @@ from rich.console import Console
 from safetensors.torch import load_file
 
 from vlrl.data.io import load_records
-from vlrl.errors import RecipeError
-from vlrl.recipe import validate_recipe
+from vlrl.errors import DataError, RecipeError
+from vlrl.recipe import apply_overrides, validate_recipe
 from vlrl.runner import run_recipe
 from vlrl.tracking import read_metrics
 
@@ -217,3 +217,82 @@ def test_a_stage_compares_its_eval_with_its_starts(tmp_path):
     summary = json.loads((run / "more" / "DONE.json").read_text())["summary"]["vs_start"]
     assert summary["all"]["delta"] == expected[-1].delta
     assert "| all | 12 |" in (run / "more" / "vs_start.md").read_text()
+
+
+def test_a_dataset_folder_is_read_whole_by_its_data_stage(tmp_path):
+    """A user's dataset (`data.path`) is checked row by row when its data stage runs, so a
+    bad eval row stops the run before any training rather than at the first stage's eval."""
+    from vlrl.data.synth import make_dataset
+
+    mine = tmp_path / "mine"
+    make_dataset(mine, seed=3, n=6, n_eval=3, families_mix={"text": 1.0})
+    raw = {"name": "own", "run_dir": str(tmp_path / "run"), "device": "cpu", "stages": {"data": {"path": str(mine)}}}
+    out = io.StringIO()
+    done = run_recipe(validate_recipe(raw), console=Console(file=out, width=200))
+    assert done[0]["summary"]["counts"] == {"train": {"total": 6, "family": {"text": 6}}, "eval": {"total": 3, "family": {"text": 3}}}
+    assert "6 train, 3 eval records" in out.getvalue()
+
+    rows = [json.loads(line) for line in (mine / "eval.jsonl").read_text().splitlines()]
+    rows[1]["difficulty"] = "hard"
+    (mine / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    raw["run_dir"] = str(tmp_path / "run2")
+    with pytest.raises(DataError, match=r"eval\.jsonl line 2: field 'difficulty'"):
+        run_recipe(validate_recipe(raw), console=Console(file=io.StringIO()))
+
+
+def test_stage_skips_a_complete_stage_and_force_redoes_it(tmp_path):
+    """`vlrl stage` on a complete stage whose config changed used to rerun only its eval and
+    write the new config's fingerprint into DONE.json, over output made with the old one."""
+    raw = micro_recipe(tmp_path / "run")
+    raw["stages"] = {"data": raw["stages"]["data"]}
+    p = _write(tmp_path, raw)
+    done = tmp_path / "run" / "data" / "DONE.json"
+    assert _cli("stage", "data", str(p)).returncode == 0
+    before = done.read_text()
+    res = _cli("stage", "data", str(p), "data.n=90")
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "stage data: complete, skipped (its config changed since; rerun with --force)" in " ".join(res.stdout.split())
+    assert done.read_text() == before and len(load_records(tmp_path / "run" / "data" / "train.jsonl")) == 80
+    res = _cli("stage", "data", str(p), "data.n=90", "--force")
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "previous output moved to" in res.stdout and len(list((tmp_path / "run").glob("data.replaced-*"))) == 1
+    assert len(load_records(tmp_path / "run" / "data" / "train.jsonl")) == 90
+    assert json.loads(done.read_text())["fingerprint"] == validate_recipe(apply_overrides(raw, ["data.n=90"])).stage_fingerprint("data")
+
+
+def test_a_stage_made_from_an_input_since_redone_says_so(tmp_path):
+    """--force on a stage leaves the complete stages that read it as they were; the runner
+    says so when it skips them, in the run that redoes the input and in any later one."""
+    raw = micro_recipe(tmp_path / "run")
+    raw["stages"] = {"data": raw["stages"]["data"], "corpus": {"kind": "data", "n": 20, "n_eval": 2, "seed": 2, "exclude": ["data"]}}
+    recipe = validate_recipe(raw)
+
+    def run(**kw) -> str:
+        out = io.StringIO()
+        run_recipe(recipe, console=Console(file=out, width=300), **kw)
+        return out.getvalue()
+
+    run()
+    assert "made from an earlier output" not in run()
+    assert "stage corpus: complete, skipped (made from an earlier output of data; --force corpus redoes it)" in run(force=["data"])
+    assert "made from an earlier output of data" in run()  # still stale in a later run
+    run(force=["corpus"])
+    assert "made from an earlier output" not in run()
+
+
+def test_a_dataset_folders_first_run_leaves_what_reads_it_current(tmp_path):
+    """`vlrl stage` may run a stage before the data stage naming a folder has run (its output
+    is the folder); that data stage's first run later changes nothing the stage read."""
+    from vlrl.data.synth import make_dataset
+
+    make_dataset(tmp_path / "mine", seed=3, n=6, n_eval=3, families_mix={"text": 1.0})
+    raw = {"name": "own", "run_dir": str(tmp_path / "run"), "device": "cpu",
+           "stages": {"mine": {"kind": "data", "path": str(tmp_path / "mine")}, "corpus": {"kind": "data", "n": 10, "n_eval": 2, "exclude": ["mine"]}}}
+    recipe = validate_recipe(raw)
+    run_recipe(recipe, console=Console(file=io.StringIO()), only=["corpus"])
+    out = io.StringIO()
+    run_recipe(recipe, console=Console(file=out, width=300))
+    assert "stage corpus: complete, skipped\n" in out.getvalue()
+    out = io.StringIO()
+    run_recipe(recipe, console=Console(file=out, width=300), force=["mine"])
+    assert "stage corpus: complete, skipped (made from an earlier output of mine" in out.getvalue()

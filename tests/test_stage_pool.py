@@ -45,6 +45,19 @@ def test_deps_of_the_tiny_recipe():
     assert stage_deps(r, "reading") == ["data"]  # exclude
 
 
+def test_an_eval_stage_without_data_waits_for_the_data_it_reads(tmp_path):
+    """Its default eval data (the recipe's eval.data, else the first data stage) is an input:
+    started beside the data stage, it failed on a dataset not written yet."""
+    raw = {"name": "e", "run_dir": str(tmp_path / "run"), "stages": {"data": {"n": 10, "n_eval": 2},
+           "ev": {"kind": "eval", "from": str(tmp_path / "ckpt")}}}
+    (tmp_path / "ckpt").mkdir()
+    (tmp_path / "ckpt" / "config.json").write_text("{}")
+    r = validate_recipe(raw)
+    assert stage_deps(r, "ev") == ["data"]
+    res = subprocess.run([sys.executable, "-m", "vlrl.cli", "stage", "ev", str(_write(tmp_path, raw))], capture_output=True, text=True, cwd=ROOT)
+    assert res.returncode == 2 and "stage 'ev' needs stage 'data' (data), which is not complete" in res.stderr
+
+
 def test_shares():
     assert thread_share(2, 2, running=0, ready=1) == 2  # alone: every core
     assert thread_share(2, 2, running=1, ready=3) == 1

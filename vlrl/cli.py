@@ -16,6 +16,7 @@ from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from vlrl.errors import VlrlError
 
@@ -73,16 +74,23 @@ def run(
 
 
 @app.command()
-def stage(name: str, recipe: Path, overrides: Optional[list[str]] = OverridesArg) -> None:
-    """Run one stage of a recipe (its inputs must be complete)."""
+def stage(
+    name: str,
+    recipe: Path,
+    overrides: Optional[list[str]] = OverridesArg,
+    force: bool = typer.Option(False, "--force", help="rerun the stage even if complete (old output is kept aside)"),
+) -> None:
+    """Run one stage of a recipe (its inputs must be complete); a complete stage is skipped, an interrupted one resumes."""
     from vlrl.recipe import check_stages, load_recipe
-    from vlrl.runner import run_stage
+    from vlrl.runner import run_recipe
 
     r = load_recipe(recipe, overrides or [])
     if name not in r.stages:
         raise VlrlError(f"{recipe}: no stage named {name!r} (stages: {', '.join(r.stages)})")
     check_stages(r, [name], source=str(recipe))
-    run_stage(r, name, console=console)
+    # Through the runner, as `vlrl run` does: running a complete stage again would rewrite its
+    # DONE.json with the current config's fingerprint over a checkpoint trained on the old one.
+    run_recipe(r, console=console, force=[name] if force else [], only=[name])
 
 
 @model_app.command("init")
@@ -299,7 +307,8 @@ def main() -> None:
     try:
         app()
     except VlrlError as e:
-        err_console.print(f"[bold red]error[/]: {e}", soft_wrap=True, highlight=False)
+        # escape: a message names paths and values, whose [brackets] rich would take for markup and drop
+        err_console.print(f"[bold red]error[/]: {escape(str(e))}", soft_wrap=True, highlight=False)
         sys.exit(2)
     except KeyboardInterrupt:
         err_console.print("[yellow]interrupted[/]: rerun the same command to resume")

@@ -302,20 +302,20 @@ def plan_table(plan: Plan) -> str:
 
 def render_tables(recipes_dir) -> str:
     """The per-recipe tables of docs/real-models.md, from the recipes themselves."""
-    import tempfile
     from pathlib import Path
 
-    from vlrl.recipe import load_recipe
+    from vlrl.recipe import Recipe, read_recipe_file
 
     blocks = []
-    with tempfile.TemporaryDirectory() as tmp:
-        for fname, (shape_key, acc_key) in RECIPES.items():
-            recipe = load_recipe(Path(recipes_dir) / fname, overrides=[f"model.path={tmp}", f"data.path={tmp}"])
-            shape, acc = SHAPES[shape_key], ACCELERATORS[acc_key]
-            for name, st in recipe.stages.items():
-                if st.kind not in ("rl", "sft"):
-                    continue
-                blocks.append(f"#### `{fname}` stage `{name}` ({st.kind})\n\n{plan_table(plan_for_stage(st, shape, acc))}")
+    for fname, (shape_key, acc_key) in RECIPES.items():
+        # The stage configs only: the recipes' model and data paths are placeholders, which
+        # validation (vlrl/recipe.py validate_recipe) would look for on this machine.
+        recipe = Recipe.model_validate(read_recipe_file(Path(recipes_dir) / fname))
+        shape, acc = SHAPES[shape_key], ACCELERATORS[acc_key]
+        for name, st in recipe.stages.items():
+            if st.kind not in ("rl", "sft"):
+                continue
+            blocks.append(f"#### `{fname}` stage `{name}` ({st.kind})\n\n{plan_table(plan_for_stage(st, shape, acc))}")
     rows = ["#### Why the 7B/8B recipes have no SFT stage: SFT on one device, 1 row x 2048 tokens, bf16 compute, checkpointing\n",
             "| model | device | peak GiB | budget GiB | fits |", "|---|---|---:|---:|---|"]
     for shape_key in ("qwen2.5-vl-7b", "qwen3-vl-8b"):

@@ -22,7 +22,7 @@ import yaml
 from pydantic import Field, ValidationError, model_validator
 
 from vlrl.errors import RecipeError
-from vlrl.recipe_base import DataSelect, EvalSpec, OptimSpec, TrackingSpec, TrainerPrecision, _StageBase, _Strict  # noqa: F401 (re-exported)
+from vlrl.recipe_base import DataSelect, EvalSpec, FamilyWeights, OptimSpec, TrackingSpec, TrainerPrecision, _StageBase, _Strict  # noqa: F401 (re-exported)
 from vlrl.recipe_rl import RlStage
 from vlrl.recipe_sft import MergeStage, SftStage
 
@@ -42,7 +42,7 @@ class DataStage(_StageBase):
     n: int = Field(4000, ge=1, description="train records")
     n_eval: int = Field(300, ge=1, description="held-out eval records")
     format: Literal["jsonl", "parquet"] = "jsonl"
-    mix: dict[str, float] | None = Field(None, description="share of each family in the generated data")
+    mix: FamilyWeights | None = Field(None, description="share of each family in the generated data")
     exclude: list[str] = Field(
         default_factory=list,
         description="earlier data stages whose eval records this stage's train split must not contain (a corpus generated beside a held-out set)",
@@ -68,7 +68,7 @@ class ModelStage(_StageBase):
     """Builds the in-repo tiny model, or points at a local Hugging Face checkpoint."""
 
     kind: Literal["model"] = "model"
-    preset: str = "tiny"
+    preset: Literal["tiny", "micro"] = Field("tiny", description="a size of vlrl/model/tiny.py TINY_PRESETS (named here so that a typo fails at validate)")
     path: str | None = Field(None, description="a local checkpoint folder (e.g. Qwen2.5-VL-3B-Instruct) instead of a tiny model")
     corpus_size: int = Field(20000, ge=100, description="texts for training the tiny tokenizer")
     seed: int = 0
@@ -174,8 +174,9 @@ class Recipe(_Strict):
 
 
 def _fmt_loc(loc: tuple[Any, ...], raw: dict) -> str:
-    """Dotted key path, without the discriminator tag pydantic inserts for stages."""
-    parts = list(loc)
+    """Dotted key path, without the discriminator tag pydantic inserts for stages, nor the
+    '[key]' it appends when a mapping's key (not its value) is wrong."""
+    parts = [p for p in loc if p != "[key]"]
     if len(parts) >= 3 and parts[0] == "stages" and parts[2] in STAGE_KINDS:
         st = raw.get("stages", {}).get(parts[1]) if isinstance(raw.get("stages"), dict) else None
         kind = (st or {}).get("kind", parts[1]) if isinstance(st, dict) else None
@@ -212,13 +213,39 @@ def _format_validation(e: ValidationError, raw: dict, source: str) -> str:
     return f"{source}: {loc or '<top>'}: {_expected(first)}{got}{more}"
 
 
+class UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML keeps the last of two equal keys in a mapping; in a recipe that silently drops
+    a stage copied and not renamed, or the first of two `phases:` lists. Keys brought in by a
+    merge (`<<: *sft`) may still be overridden: only keys written in the mapping count."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            first: dict[Any, int] = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=deep)
+                try:
+                    line = first.setdefault(key, key_node.start_mark.line)
+                except TypeError:
+                    continue  # an unhashable key: SafeLoader's own error follows
+                if line != key_node.start_mark.line:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"duplicate key {key!r}, first at line {line + 1}", key_node.start_mark
+                    )
+        return super().construct_mapping(node, deep=deep)
+
+
 def parse_override(item: str) -> tuple[list[str], Any]:
     if "=" not in item:
         raise RecipeError(f"override {item!r}: expected key.path=value (e.g. pretrain.optim.lr=3e-4)")
     key, value = item.split("=", 1)
     if not key:
         raise RecipeError(f"override {item!r}: empty key")
-    return key.split("."), yaml.safe_load(value) if value != "" else ""
+    try:
+        return key.split("."), yaml.safe_load(value) if value != "" else ""
+    except yaml.YAMLError as e:
+        raise RecipeError(f"override {item!r}: the value is not valid YAML ({getattr(e, 'problem', None) or e}); quote it or fix it") from None
 
 
 def apply_overrides(raw: dict, overrides: list[str]) -> dict:
@@ -231,7 +258,13 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
     top_fields = set(Recipe.model_fields)
     for item in overrides:
         path, value = parse_override(item)
-        if path[0] not in top_fields and isinstance(data.get("stages"), dict) and path[0] in data["stages"]:
+        if path[0] not in top_fields:
+            stages = data.get("stages") if isinstance(data.get("stages"), dict) else {}
+            if path[0] not in stages:
+                # Said here rather than by validation, which would blame the recipe file for a key it does not hold.
+                raise RecipeError(
+                    f"override {item!r}: {path[0]!r} is neither a stage ({', '.join(stages) or 'none'}) nor a top-level key ({', '.join(Recipe.model_fields)})"
+                )
             path = ["stages", *path]
         node: Any = data
         for i, key in enumerate(path[:-1]):
@@ -261,28 +294,57 @@ def looks_like_path(ref: str) -> bool:
     return "/" in ref or ref.startswith((".", "~"))
 
 
+MODEL_REF_KINDS = ("model", "pretrain", "sft", "rl", "merge")
+
+
+def _path_problem(ref: str, need: str) -> str | None:
+    """What keeps a path from serving as `need` ('checkpoint', or the dataset splits it must
+    hold, 'train+eval'), or None. Only names and files are looked at, nothing is loaded."""
+    p = Path(ref).expanduser()
+    if not p.exists():
+        return "does not exist"
+    if need == "checkpoint":
+        if p.is_file():
+            return "is a file: expected a checkpoint folder (a Hugging Face model directory holding config.json)"
+        return None if (p / "config.json").is_file() else "is not a checkpoint folder (no config.json in it): expected a Hugging Face model directory"
+    from vlrl.data.io import FORMATS
+
+    if p.is_file():
+        return None if p.suffix in FORMATS else f"is not a record file: expected {' or '.join(FORMATS)}, or a dataset folder"
+    for split in need.split("+"):
+        if not any((p / f"{split}{ext}").is_file() for ext in FORMATS):
+            return f"holds no {' or '.join(split + ext for ext in FORMATS)}: expected a dataset folder"
+    return None
+
+
 def _check_references(recipe: Recipe, source: str) -> None:
-    """Every `from:` names an earlier stage that yields a model, every `data:` a data stage or folder."""
+    """Every `from:` names an earlier stage that yields a model, every `data:` a data stage or
+    folder; a path given instead is checked for what the stage will read there (a checkpoint,
+    a dataset split), so that a wrong folder fails here rather than when its stage starts."""
     seen: dict[str, str] = {}
     for name, st in recipe.stages.items():
-        refs: list[tuple[str, str | None, tuple[str, ...]]] = []
+        trains = st.kind in ("pretrain", "sft", "rl")
+        # (key, reference, stage kinds it may name, what a path must hold)
+        refs: list[tuple[str, str | None, tuple[str, ...], str]] = []
         if hasattr(st, "from_"):
-            refs.append(("from", st.from_, ("model", "pretrain", "sft", "rl", "merge")))
+            refs.append(("from", st.from_, MODEL_REF_KINDS, "checkpoint"))
         for i, part in enumerate(getattr(st, "parts", None) or []):
-            refs.append((f"from.{i}", part, ("model", "pretrain", "sft", "rl", "merge")))
+            refs.append((f"from.{i}", part, MODEL_REF_KINDS, "checkpoint"))
         if getattr(st, "data", None) is not None:
-            refs.append(("data", st.data, ("data",)))
+            refs.append(("data", st.data, ("data",), "train" if trains else getattr(st, "split", recipe.eval.split)))
         for i, phase in enumerate(getattr(st, "phases", None) or []):
             if getattr(phase, "data", None) is not None:
-                refs.append((f"phases.{i}.data", phase.data, ("data",)))
+                refs.append((f"phases.{i}.data", phase.data, ("data",), "train"))
         for i, ref in enumerate(getattr(st, "exclude", None) or []):
-            refs.append((f"exclude.{i}", ref, ("data",)))
+            refs.append((f"exclude.{i}", ref, ("data",), "eval"))
         ev = st.eval if isinstance(st.eval, EvalSpec) else None
         if ev and ev.data:
-            refs.append(("eval.data", ev.data, ("data",)))
-        for key, ref, kinds in refs:
+            refs.append(("eval.data", ev.data, ("data",), ev.split))
+        for key, ref, kinds, need in refs:
             if ref is None:
                 continue
+            if ref == name:
+                raise RecipeError(f"{source}: stages.{name}.{key}: a stage cannot read its own output; name an earlier stage")
             if ref in seen:
                 if seen[ref] not in kinds:
                     raise RecipeError(
@@ -294,12 +356,18 @@ def _check_references(recipe: Recipe, source: str) -> None:
             before = ", ".join(seen) or "none"
             if not looks_like_path(ref):
                 raise RecipeError(f"{source}: stages.{name}.{key}: {ref!r} names no earlier stage (earlier: {before}); a path needs a '/' (e.g. ./{ref})")
-            if not Path(ref).expanduser().exists():
-                raise RecipeError(f"{source}: stages.{name}.{key}: path {ref!r} does not exist")
+            if problem := _path_problem(ref, need):
+                raise RecipeError(f"{source}: stages.{name}.{key}: path {ref!r} {problem}")
+        own = getattr(st, "path", None)
+        if own is not None and (problem := _path_problem(own, "checkpoint" if st.kind == "model" else "train+eval")):
+            raise RecipeError(f"{source}: stages.{name}.path: {own!r} {problem}")
         seen[name] = st.kind
     ref = recipe.eval.data
-    if ref is not None and ref not in seen and not (looks_like_path(ref) and Path(ref).expanduser().exists()):
-        raise RecipeError(f"{source}: eval.data: {ref!r} is neither a data stage nor an existing path (with a '/')")
+    if ref is not None and ref not in seen:
+        if not looks_like_path(ref):
+            raise RecipeError(f"{source}: eval.data: {ref!r} is neither a data stage nor a path (with a '/')")
+        if problem := _path_problem(ref, recipe.eval.split):
+            raise RecipeError(f"{source}: eval.data: path {ref!r} {problem}")
 
 
 def validate_recipe(raw: Any, source: str = "<recipe>") -> Recipe:
@@ -337,39 +405,21 @@ def check_stages(recipe: Recipe, names: list[str] | None = None, source: str | N
     return notes
 
 
-class UniqueKeyLoader(yaml.SafeLoader):
-    """yaml.SafeLoader that refuses a key given twice in one mapping. PyYAML keeps the last one
-    silently, so a second `units:` under an RL stage's rewards.components dropped the first
-    component without a word. Keys brought in by a merge (`<<: *sft`) may still be overridden."""
-
-    def construct_mapping(self, node, deep=False):
-        seen = set()
-        for key_node, _ in node.value:
-            if key_node.tag == "tag:yaml.org,2002:merge":
-                continue
-            key = self.construct_object(key_node, deep=True)
-            try:
-                dup = key in seen
-                seen.add(key)
-            except TypeError:  # an unhashable key: the constructor reports it
-                continue
-            if dup:
-                raise yaml.constructor.ConstructorError(
-                    "while constructing a mapping", node.start_mark, f"key {key!r} given twice in one mapping", key_node.start_mark
-                )
-        return super().construct_mapping(node, deep=deep)
-
-
-def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
+def read_recipe_file(path: str | Path) -> Any:
+    """The recipe file's raw YAML data, or a RecipeError naming the file (and the line)."""
     path = Path(path)
     if not path.is_file():
         raise RecipeError(f"{path}: recipe file not found")
     try:
-        raw = yaml.load(path.read_text(), Loader=UniqueKeyLoader)
+        return yaml.load(path.read_text(), Loader=UniqueKeyLoader)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""
         raise RecipeError(f"{path}:{where}: not valid YAML ({getattr(e, 'problem', e)})") from None
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
+    raw = read_recipe_file(path)
     if overrides:
         if not isinstance(raw, dict):
             raise RecipeError(f"{path}: expected a mapping at the top level")

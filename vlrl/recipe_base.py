@@ -6,7 +6,7 @@ Split from vlrl/recipe.py so each stage kind's config can live in its own module
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -51,13 +51,19 @@ class OptimSpec(_Strict):
     )
 
 
+Family = Literal["perception", "reasoning", "text"]  # a record's `family` (vlrl/data/records.py)
+# A share per family: keyed by the closed set of families, so that a misspelt one fails at
+# validate rather than weighing nothing when the stage samples.
+FamilyWeights = dict[Family, Annotated[float, Field(ge=0)]]
+
+
 class DataSelect(_Strict):
     """Which records of the train split a phase draws from."""
 
-    families: list[Literal["perception", "reasoning", "text"]] | None = None
+    families: list[Family] | None = None
     tasks: list[str] | None = None
     difficulty: tuple[int, int] = (1, 5)
-    weights: dict[str, float] | None = Field(None, description="sampling weight per family (default: as in the data)")
+    weights: FamilyWeights | None = Field(None, description="sampling weight per family (default: as in the data)")
 
 
 class TrainerPrecision(_Strict):

@@ -90,24 +90,23 @@ def default_eval_data(recipe: Recipe, name: str) -> str | None:
 
 
 def resolve_inputs(recipe: Recipe, name: str, base: Path) -> dict[str, Path]:
-    st = recipe.stages[name]
     inputs: dict[str, Path] = {}
-    for key, attr in (("from", "from_"), ("data", "data")):
-        ref = getattr(st, attr, None)
-        if key == "data" and ref is None and st.kind == "eval":
-            ref = default_eval_data(recipe, name)
+    for key, ref in stage_refs(recipe, name):
         p = _resolve(recipe, ref, base)
         if p is not None:
             inputs[key] = p
-    for key, ref in _extra_refs(st):
-        inputs[key] = _resolve(recipe, ref, base)
     return inputs
 
 
-def stage_refs(st) -> list[tuple[str, str | None]]:
+def stage_refs(recipe: Recipe, name: str) -> list[tuple[str, str | None]]:
     """(recipe key, reference) of every stage or folder a stage reads besides a merge's parts
-    (the merge stage checks those itself)."""
-    return [("from", getattr(st, "from_", None)), ("data", getattr(st, "data", None)), *_extra_refs(st)]
+    (the merge stage checks those itself). An eval stage without `data` reads the default
+    eval data, which the pool must wait for like any other input."""
+    st = recipe.stages[name]
+    data = getattr(st, "data", None)
+    if data is None and st.kind == "eval":
+        data = default_eval_data(recipe, name)
+    return [("from", getattr(st, "from_", None)), ("data", data), *_extra_refs(st)]
 
 
 def _extra_refs(st) -> list[tuple[str, str]]:
@@ -141,6 +140,14 @@ def is_complete(stage_dir: Path) -> bool:
     return (stage_dir / "DONE.json").is_file()
 
 
+def _finished(stage_dir: Path) -> float | None:
+    """When a complete stage's output was finished (its DONE.json), or None."""
+    try:
+        return json.loads((stage_dir / "DONE.json").read_text()).get("finished")
+    except (OSError, ValueError):
+        return None
+
+
 def _write_json_atomic(path: Path, obj: Any) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(json.dumps(obj, indent=2))
@@ -163,7 +170,7 @@ def run_stage(recipe: Recipe, name: str, *, console: Console | None = None, base
     st = recipe.stages[name]
     impl = _load_impl(st.kind)
     if require_inputs:
-        for ref_key, ref in stage_refs(st):
+        for ref_key, ref in stage_refs(recipe, name):
             if ref in recipe.stages and not is_complete(base / ref) and not getattr(recipe.stages[ref], "path", None):
                 raise VlrlError(f"stage {name!r} needs stage {ref!r} ({ref_key}), which is not complete; run `vlrl run` or `vlrl stage {ref}` first")
     device = resolve_device(recipe.device)
@@ -188,7 +195,12 @@ def run_stage(recipe: Recipe, name: str, *, console: Console | None = None, base
                 console.print(note)
             if rows:
                 summary["vs_start"] = {r.group: {"delta": r.delta, "ci": [r.ci_low, r.ci_high], "p": r.p_value} for r in rows}
-    done = {"stage": name, "kind": st.kind, "fingerprint": recipe.stage_fingerprint(name), "seconds": round(time.time() - t0, 1), "finished": time.time(), "summary": summary}
+    from vlrl.stage_pool import stage_deps
+
+    # Which output of each input this one was made from (a dataset folder's stage may not have run).
+    inputs = {d: t for d in stage_deps(recipe, name) if (t := _finished(base / d)) is not None}
+    done = {"stage": name, "kind": st.kind, "fingerprint": recipe.stage_fingerprint(name), "seconds": round(time.time() - t0, 1), "finished": time.time(),
+            "inputs": inputs, "summary": summary}
     _write_json_atomic(stage_dir / "DONE.json", done)
     return done
 
@@ -197,20 +209,29 @@ def run_recipe(recipe: Recipe, *, console: Console | None = None, force: list[st
     """The whole chain: complete stages are skipped (a changed config is reported), others run."""
     console = console or Console()
     base = recipe.base_dir()
-    base.mkdir(parents=True, exist_ok=True)
-    (base / "recipe.resolved.json").write_text(recipe.model_dump_json(indent=2, by_alias=True))
+    from vlrl.stage_pool import stage_deps
+
     results: dict[str, dict] = {}
     to_run: list[str] = []
     replaced: list[str] = []
+    stale: list[str] = []  # complete stages skipped although a stage they read runs again now
     for name in recipe.stages:
         if only and name not in only:
             continue
         stage_dir = base / name
         if is_complete(stage_dir) and name not in (force or []):
             done = json.loads((stage_dir / "DONE.json").read_text())
+            flag = "--force" if only == [name] else f"--force {name}"  # `vlrl stage NAME` takes a bare --force
             note = ""
             if done.get("fingerprint") != recipe.stage_fingerprint(name):
-                note = f" [yellow](its config changed since; rerun with --force {name})[/]"
+                note = f" [yellow](its config changed since; rerun with {flag})[/]"
+            # Said because nothing else would: its output stays the one made from the old input.
+            made_from = done.get("inputs") or {}
+            redone = [d for d in stage_deps(recipe, name) if d in stale or (d in made_from and made_from[d] != _finished(base / d))
+                      or (d in to_run and (d in (force or []) or not getattr(recipe.stages[d], "path", None)))]  # a folder's first run changes nothing
+            if redone:
+                stale.append(name)
+                note += f" [yellow](made from an earlier output of {redone[0]}; {flag} redoes it)[/]"
             console.print(f"[dim]stage {name}: complete, skipped[/]{note}")
             results[name] = done
             continue
@@ -219,6 +240,8 @@ def run_recipe(recipe: Recipe, *, console: Console | None = None, force: list[st
         to_run.append(name)
     # Before any stage starts (hours before RL, say) and before --force moves output aside.
     check_stages(recipe, to_run)
+    base.mkdir(parents=True, exist_ok=True)
+    (base / "recipe.resolved.json").write_text(recipe.model_dump_json(indent=2, by_alias=True))
     for name in replaced:
         # Keep the old output beside the new one rather than deleting work.
         moved = (base / name).with_name(f"{name}.replaced-{int(time.time())}")

@@ -35,6 +35,7 @@ def main(argv: list[str]) -> int:
     launch, name, base = Path(argv[0]), argv[1], Path(argv[2])
     _listen(base / name)  # before anything slow: a share may change while this process starts
     from rich.console import Console
+    from rich.markup import escape
 
     from vlrl.errors import VlrlError
     from vlrl.recipe import Recipe
@@ -50,7 +51,7 @@ def main(argv: list[str]) -> int:
     try:
         run_stage(recipe, name, console=console, base=base)
     except VlrlError as e:
-        console.print(f"[red]error:[/] {e}", highlight=False)
+        console.print(f"[red]error:[/] {escape(str(e))}", highlight=False)  # its [brackets] are text, not markup
         return 2
     return 0
 

@@ -57,7 +57,7 @@ def stage_deps(recipe: Recipe, name: str) -> list[str]:
     from vlrl.runner import eval_spec_for, stage_refs
 
     st = recipe.stages[name]
-    refs = [ref for _, ref in stage_refs(st)] + list(getattr(st, "parts", None) or [])  # merge keeps its `from` list as parts
+    refs = [ref for _, ref in stage_refs(recipe, name)] + list(getattr(st, "parts", None) or [])  # merge keeps its `from` list as parts
     spec = eval_spec_for(recipe, name)
     if spec is not None:
         refs.append(spec.data)

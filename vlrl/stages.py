@@ -7,20 +7,29 @@ into the stage folder and returns a small summary for DONE.json.
 from __future__ import annotations
 
 import shutil
+from collections import Counter
 from pathlib import Path
 
-from vlrl.errors import VlrlError
+from vlrl.errors import DataError, VlrlError
 from vlrl.recipe import EvalSpec
 
 
 def run_data(ctx) -> dict:
     st = ctx.config
     if st.path:
-        from vlrl.data.io import split_path
+        from vlrl.data.io import iter_records, split_path
 
+        # Every record of both splits is read once here (images are not opened): a bad row
+        # in the eval split would otherwise stop the run only after the first training stage.
+        counts: dict = {}
         for split in ("train", "eval"):
-            split_path(Path(st.path), split)  # raises a DataError naming the folder if absent
-        return {"path": st.path}
+            path = split_path(Path(st.path), split)  # raises a DataError naming the folder if absent
+            families = Counter(r.family for _, r in iter_records(path))
+            if not families:
+                raise DataError(f"file {path}: no records; expected at least one record")
+            counts[split] = {"total": sum(families.values()), "family": dict(sorted(families.items()))}
+        ctx.console.print(f"dataset {st.path}: {describe_counts(counts)}")
+        return {"path": st.path, "counts": counts}
     from vlrl.data.synth import make_dataset
 
     from vlrl.data.synth.writer import held_out_keys

@@ -69,7 +69,7 @@ def test_cli_stack_config_errors_are_one_line(tmp_path):
     data.write_text('{"response": "x", "answer": "x"}\n')
     for name, text, said in [
         ("broken.yaml", "components:\n  a: {fn: format\n", "broken.yaml: line 3: not valid YAML"),
-        ("twice.yaml", "components:\n  a: {fn: format}\n  a: {fn: exact_match}\n", "twice.yaml: line 3: not valid YAML (key 'a' given twice"),
+        ("twice.yaml", "components:\n  a: {fn: format}\n  a: {fn: exact_match}\n", "twice.yaml: line 3: not valid YAML (duplicate key 'a', first at line 2"),
         ("broken.json", '{"components": ', "broken.json: line 1: not valid JSON"),
         ("recipe.yaml", "name: r\nstages:\n  rl: {rewards: {}}\n", "recipe.yaml: a recipe, not a stack config"),
     ]:

@@ -73,7 +73,7 @@ def test_config_errors_name_the_problem(cfg, msg):
 def test_schema_errors_are_one_line_naming_the_key():
     with pytest.raises(RecipeError) as e:
         RewardStack.from_config({"components": {"a": {"fn": "format", "wieght": 1}}, "timeout": 0})
-    assert str(e.value) == "rewards.components.a.wieght: extra inputs are not permitted [+1 more error(s)]"
+    assert str(e.value) == "rewards.components.a.wieght: unknown key (got 1) [+1 more error(s)]"
 
 
 def test_unknown_record_component_is_a_data_error():

@@ -85,6 +85,12 @@ class RecordDataset:
         self.path = Path(path)
         self.on_bad_image = on_bad_image
         self._rows = list(iter_records(self.path))
+        if not self._rows:
+            # Caught here, where every stage reads its data: an empty train split otherwise
+            # surfaces as a phase whose selection matches nothing, and an empty eval split
+            # as an eval of 0 records that reports 0% and lets the stage complete.
+            what = "only blank lines" if self.path.suffix == ".jsonl" and self.path.stat().st_size else "empty"
+            raise DataError(f"file {self.path}: no records ({what}); expected at least one record")
         self.skip_reasons: dict[int, str] = {}
 
     @property

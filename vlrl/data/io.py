@@ -13,6 +13,7 @@ datasets write them. Inline image bytes in JSONL are written as base64 data URIs
 from __future__ import annotations
 
 import base64
+import codecs
 import json
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -46,6 +47,8 @@ def split_path(data_dir: Path, split: str) -> Path:
     data_dir = Path(data_dir)
     if data_dir.is_file():
         return data_dir
+    if not data_dir.exists():
+        raise DataError(f"dataset {data_dir} does not exist: expected a folder holding {split}.jsonl or {split}.parquet, or a record file")
     found = [data_dir / f"{split}{ext}" for ext in FORMATS if (data_dir / f"{split}{ext}").is_file()]
     if not found:
         raise DataError(f"dataset {data_dir}: no {split}.jsonl or {split}.parquet")
@@ -95,15 +98,28 @@ def _validate(obj: Any, source: Path, row: int) -> Record:
 
 def iter_jsonl_objects(path: Path) -> Iterator[tuple[int, dict]]:
     """(line number, object) for each non-blank line; a line that is not a JSON object
-    is a DataError naming file and line. Shared by record loading and `vlrl rewards test`."""
-    with Path(path).open("r", encoding="utf-8") as f:
-        for line_no, line in enumerate(f, start=1):
+    is a DataError naming file and line. Shared by record loading and `vlrl rewards test`.
+
+    Lines are decoded one at a time: a file-level decode would fail on the first bad byte
+    with a UnicodeDecodeError that names neither the line nor the file. A byte-order mark
+    (written by some Windows tools) is dropped from the first line."""
+    with Path(path).open("rb") as f:
+        for line_no, raw in enumerate(f, start=1):
+            if line_no == 1:
+                raw = raw.removeprefix(codecs.BOM_UTF8)
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(
+                    f"{location(path, line_no)}: not UTF-8 (byte 0x{raw[e.start]:02x} at byte {e.start + 1} of the line); expected UTF-8 JSON"
+                ) from None
             if not line.strip():
                 continue
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as e:
-                raise DataError(f"{location(path, line_no)}: not valid JSON ({e.msg} at column {e.colno})") from None
+                # Some of json's messages end in "at" ("Invalid control character at").
+                raise DataError(f"{location(path, line_no)}: not valid JSON ({e.msg.removesuffix(' at')} at column {e.colno})") from None
             if not isinstance(obj, dict):
                 raise DataError(f"{location(path, line_no)}: expected a JSON object, got {type(obj).__name__}")
             yield line_no, obj

@@ -25,6 +25,7 @@ from transformers import GenerationConfig, Qwen2_5_VLConfig, Qwen2_5_VLForCondit
 from transformers.models.qwen2_vl.image_processing_qwen2_vl import Qwen2VLImageProcessor
 from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
 
+from vlrl.errors import VlrlError
 from vlrl.model.loading import count_parameters
 from vlrl.model.tokenizer import IM_END, IMAGE_PAD, PAD_TOKEN, VIDEO_PAD, VISION_END, VISION_START, train_tokenizer
 
@@ -155,7 +156,7 @@ def build_tiny_model(texts: Iterable[str], preset: str = "tiny", seed: int = 0) 
     """Train the tokenizer on `texts` and build a randomly initialised (seeded)
     tiny Qwen2.5-VL with its processor, in memory."""
     if preset not in TINY_PRESETS:
-        raise ValueError(f"unknown tiny preset {preset!r}: expected one of {', '.join(TINY_PRESETS)}")
+        raise VlrlError(f"unknown tiny preset {preset!r}: expected one of {', '.join(TINY_PRESETS)}")
     spec = TINY_PRESETS[preset]
     tokenizer = train_tokenizer(texts, vocab_size=spec.vocab_size)
     config = build_config(spec, tokenizer)

@@ -184,6 +184,7 @@ class RewardSpec:
     required: tuple[str, ...] = ()  # options without defaults
     var_keyword: bool = False  # accepts **kwargs
     validate: Callable[..., None] | None = None  # checks option values at load time (raises ValueError)
+    option_types: Mapping[str, Any] = field(default_factory=dict)  # annotated options: their types
 
     @property
     def label(self) -> str:
@@ -198,6 +199,9 @@ class RewardSpec:
         missing = [k for k in self.required if k not in args]
         if missing:
             raise PluginError(f"{self.label}: option(s) {missing} are required; set them under args:")
+        for k, v in args.items():
+            if k in self.option_types and not _fits(self.option_types[k], v):
+                raise PluginError(f"{self.label}: option {k!r} = {v!r}: expected {_type_name(self.option_types[k])}")
         if self.validate is not None:
             try:
                 self.validate(**args)
@@ -339,6 +343,8 @@ def build_spec(
         p.name for p in opt_params if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD) and p.default is p.empty
     )
     var_keyword = any(p.kind == p.VAR_KEYWORD for p in opt_params)
+    opt_hints = _hints(obj.__init__ if is_class else call)
+    option_types = {n: opt_hints[n] for n in options if n in opt_hints}
 
     # batched: declared, or read from the first parameter's annotation (list[RewardSample])
     hints = _hints(call)
@@ -367,7 +373,56 @@ def build_spec(
         required=required,
         var_keyword=var_keyword,
         validate=validate,
+        option_types=option_types,
     )
+
+
+def _fits(tp: Any, value: Any) -> bool:
+    """Whether a recipe value (YAML: str, int, float, bool, list, dict, None) fits an option's
+    annotation: `unit: str` given 5, or `n: int` given "4", would otherwise reach the plugin
+    as is and fail (or score wrongly) on every sample, hours into a run. Strict for the
+    types YAML writes (a list may fill a tuple); lax where the annotation names other types
+    (a str for a Path); an annotation pydantic cannot read is not checked."""
+    from pydantic import TypeAdapter, ValidationError
+
+    try:
+        adapter = TypeAdapter(tp)
+    except Exception:
+        return True
+    tries = [(value, True), (_tuples(value), True)] + ([] if _plain(tp) else [(value, False)])
+    for v, strict in tries:
+        try:
+            adapter.validate_python(v, strict=strict)
+            return True
+        except ValidationError:
+            continue
+        except Exception:
+            return True
+    return False
+
+
+_PLAIN = (int, float, str, bool, type(None), list, tuple, dict, set, frozenset, typing.Any)
+
+
+def _plain(tp: Any) -> bool:
+    """An annotation built only of the types YAML writes (and Literal, unions, containers)."""
+    if typing.get_origin(tp) is Literal:
+        return True
+    args = typing.get_args(tp)
+    origin = typing.get_origin(tp)
+    if origin is not None:
+        return (origin in _PLAIN or origin in (Union, types.UnionType) or origin in (Sequence, Mapping)) and all(
+            a is Ellipsis or _plain(a) for a in args
+        )
+    return tp in _PLAIN
+
+
+def _tuples(value: Any) -> Any:
+    return tuple(_tuples(v) for v in value) if isinstance(value, list) else value
+
+
+def _type_name(tp: Any) -> str:
+    return tp.__name__ if isinstance(tp, type) else str(tp).replace("typing.", "")
 
 
 def _hints(fn: Callable) -> dict[str, Any]:

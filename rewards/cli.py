@@ -55,7 +55,8 @@ def test_cmd(
     workers: int = typer.Option(2, "--workers", min=0, help="pool processes (0: in-process, where a stuck call cannot be stopped)"),
     limit: int = typer.Option(50, "--limit", min=1, help="rows shown in the table"),
 ) -> None:
-    """Score every row of FILE with SPEC; print per-sample components, failures and timing."""
+    """Score every row of FILE with SPEC; print per-sample components, failures and timing.
+    Exits 1 if any sample's reward failed (raised, timed out, returned no number)."""
     from rewards.data import load_samples
     from rewards.stack import RewardStack
 
@@ -94,6 +95,10 @@ def test_cmd(
         f"{n_fail} with failures; pool timeouts {metrics.get('reward/pool/timeouts', 0):g}, crashes {metrics.get('reward/pool/crashes', 0):g}",
         highlight=False,
     )
+    if n_fail:
+        # A test: a plugin that fails on a row fails the command, so a script or CI sees it.
+        failing = sorted({k for r in results for k in r.failures})
+        _fail(f"{n_fail} of {len(samples)} samples had failures (components: {', '.join(failing)}); see the failures column")
 
 
 def _read_config(path: Path) -> dict:

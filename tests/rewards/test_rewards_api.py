@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Literal
 import subprocess
 import sys
 from pathlib import Path
@@ -92,6 +93,35 @@ def test_options_are_checked_against_the_signature():
     with pytest.raises(PluginError, match="required"):
         spec.check_args({})
     assert spec.make_callable({"need": 2})(RewardSample(response="x")) == 1.0
+
+
+def test_option_values_are_checked_against_their_annotations():
+    """A recipe's `unit: 5` or `n: "4"` would reach the plugin as is and fail every sample."""
+
+    class Scorer:
+        def __init__(self, *, scale: float = 1.0):
+            self.scale = scale
+
+        def __call__(self, sample) -> float:
+            return self.scale
+
+    @reward("typed", register=False)
+    def typed(sample, *, n: int = 1, unit: str = "cm", box: tuple[float, float] = (0.0, 1.0),
+              path: Path | None = None, mode: Literal["a", "b"] = "a", free=None) -> float:
+        return 1.0
+
+    spec = typed.__vlrl_reward__
+    for ok in [{"n": 4}, {"unit": "mm"}, {"box": [0, 1]}, {"path": "/tmp/x"}, {"path": None}, {"mode": "b"}, {"free": [1, "x"]}]:
+        spec.check_args(ok)
+    for bad, said in [({"n": "4"}, "option 'n' = '4': expected int"), ({"n": True}, "expected int"),
+                      ({"unit": 5}, "option 'unit' = 5: expected str"), ({"box": [0, 1, 2]}, "option 'box'"),
+                      ({"mode": "c"}, "option 'mode' = 'c'")]:
+        with pytest.raises(PluginError, match=said):
+            spec.check_args(bad)
+    cls_spec = build_spec(Scorer, source="test")
+    cls_spec.check_args({"scale": 2})  # an int where a float is annotated
+    with pytest.raises(PluginError, match="option 'scale' = 'x': expected float"):
+        cls_spec.check_args({"scale": "x"})
 
 
 def test_name_clash_is_an_error():

@@ -89,4 +89,5 @@ def test_cli_reads_records_and_reports_failures(tmp_path):
     res = CliRunner().invoke(app, ["test", "math_accuracy", "--data", str(data), "--workers", "0"])
     assert res.exit_code == 0, res.output
     res = CliRunner().invoke(app, ["test", f"{hostile}:raises", "--data", str(data), "--workers", "1"])
-    assert res.exit_code == 0 and "ValueError" in res.output and "2 with failures" in res.output
+    assert res.exit_code == 1 and "ValueError" in res.output and "2 with failures" in res.output
+    assert "2 of 2 samples had failures (components: raises)" in " ".join(res.output.split())

@@ -79,11 +79,7 @@ def test_page_filters_opens_group_and_shows_image_and_components(tmp_path, brows
         assert page.locator("#rows tbody tr").count() == 36  # 3 x 3 x 4 rollouts, one page
 
         # filter: one task, accuracy component 1, sorted by total reward
-        page.select_option("#f-task", "arith")
-        page.select_option("#f-comp", "answer_match")
-        page.fill("#f-comp-min", "1")
-        page.select_option("#f-sort", "total_reward")
-        page.click("#apply")
+        filter_arith_correct(page, "total_reward")
         page.wait_for_function("document.querySelector('#page-info').textContent.includes('of')")
         # the unfiltered table from the first load is replaced asynchronously: wait until the
         # filtered one is in place, or a slow render leaves rows.count() counting the old table
@@ -138,16 +134,22 @@ def test_curves_tab_draws_the_heldout_curve(tmp_path, browser):
         assert not errors, errors
 
 
+def filter_arith_correct(page, sort: str, descending: bool = True) -> None:
+    """The filter form set to arith rollouts whose answer_match is 1, sorted by `sort`, applied."""
+    page.select_option("#f-task", "arith")
+    page.select_option("#f-comp", "answer_match")
+    page.fill("#f-comp-min", "1")
+    page.select_option("#f-sort", sort)
+    if not descending:
+        page.uncheck("#f-desc")
+    page.click("#apply")
+
+
 def test_reset_clears_every_filter_and_lists_all_rollouts_again(tmp_path, browser):
     run = write_demo_run(tmp_path / "run", steps=3, groups=3, group_size=4)
     with running(create_app(run)) as url:
         page, errors = open_page(browser, url)
-        page.select_option("#f-task", "arith")
-        page.select_option("#f-comp", "answer_match")
-        page.fill("#f-comp-min", "1")
-        page.select_option("#f-sort", "length")
-        page.uncheck("#f-desc")
-        page.click("#apply")
+        filter_arith_correct(page, "length", descending=False)
         page.wait_for_function("!document.querySelector('#page-info').textContent.endsWith('of 36')")
 
         page.get_by_role("button", name="Reset").click()

@@ -35,7 +35,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from vlrl.errors import DataError, RecipeError
+from vlrl.errors import DataError, RecipeError, validation_line
 
 from rewards.api import PluginError, RewardSample, RewardSpec
 from rewards.execute import ComponentDef, failure, run_call, run_call_async
@@ -138,14 +138,7 @@ class RewardStackConfig(BaseModel):
             return cls.model_validate(cfg)
         except ValidationError as e:
             errs = e.errors()
-            err = errs[0]
-            loc = "".join(f".{x}" for x in err["loc"])
-            # Worded as the recipe's own errors are (vlrl/recipe.py), with the value given.
-            msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"].removeprefix("Value error, ")
-            scalar = err["type"] != "missing" and loc and not isinstance(err.get("input"), dict | list)
-            got = f" (got {err['input']!r})" if scalar else ""
-            more = f" [+{len(errs) - 1} more error(s)]" if len(errs) > 1 else ""
-            raise RecipeError(f"{where}{loc}: {msg[:1].lower()}{msg[1:]}{got}{more}") from None
+            raise RecipeError(validation_line(errs, where + "".join(f".{x}" for x in errs[0]["loc"]))) from None
 
     def with_base_dir(self, base_dir: str | Path) -> "RewardStackConfig":
         """A copy where relative `file.py:function` plugins point into `base_dir` (a recipe's

@@ -24,7 +24,6 @@ import json
 from pathlib import Path
 from typing import Any
 
-
 from vlrl.errors import RecipeError
 
 # term -> how to take it out of a raw rl stage mapping

@@ -69,7 +69,7 @@ def run(
     unknown = [f for f in force if f not in r.stages]
     if unknown:
         raise VlrlError(f"--force {unknown[0]!r}: no such stage (stages: {', '.join(r.stages)})")
-    run_recipe(r, console=console, force=force)
+    run_recipe(r, console=console, force=force, source=str(recipe))
     console.print(f"[green]done[/]: {r.base_dir()}")
 
 
@@ -81,16 +81,15 @@ def stage(
     force: bool = typer.Option(False, "--force", help="rerun the stage even if complete (old output is kept aside)"),
 ) -> None:
     """Run one stage of a recipe (its inputs must be complete); a complete stage is skipped, an interrupted one resumes."""
-    from vlrl.recipe import check_stages, load_recipe
+    from vlrl.recipe import load_recipe
     from vlrl.runner import run_recipe
 
     r = load_recipe(recipe, overrides or [])
     if name not in r.stages:
         raise VlrlError(f"{recipe}: no stage named {name!r} (stages: {', '.join(r.stages)})")
-    check_stages(r, [name], source=str(recipe))
     # Through the runner, as `vlrl run` does: running a complete stage again would rewrite its
     # DONE.json with the current config's fingerprint over a checkpoint trained on the old one.
-    run_recipe(r, console=console, force=[name] if force else [], only=[name])
+    run_recipe(r, console=console, force=[name] if force else [], only=[name], source=str(recipe))
 
 
 @model_app.command("init")

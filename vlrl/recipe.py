@@ -21,7 +21,7 @@ from typing import Annotated, Any, Literal, Union
 import yaml
 from pydantic import Field, ValidationError, model_validator
 
-from vlrl.errors import RecipeError
+from vlrl.errors import RecipeError, validation_line
 from vlrl.recipe_base import DataSelect, EvalSpec, FamilyWeights, OptimSpec, TrackingSpec, TrainerPrecision, _StageBase, _Strict  # noqa: F401 (re-exported)
 from vlrl.recipe_rl import RlStage
 from vlrl.recipe_sft import MergeStage, SftStage
@@ -185,17 +185,13 @@ def _fmt_loc(loc: tuple[Any, ...], raw: dict) -> str:
     return ".".join(str(p) for p in parts)
 
 
-def _expected(err: dict) -> str:
-    t = err["type"]
-    if t == "extra_forbidden":
-        return "unknown key"
-    if t == "missing":
-        return "missing required key"
-    if t == "union_tag_invalid":
+def _expected(err: dict) -> str | None:
+    """The stage-kind errors in words; None: validation_line's wording."""
+    if err["type"] == "union_tag_invalid":
         return f"unknown stage kind; expected one of {', '.join(STAGE_KINDS)}"
-    if t == "union_tag_not_found":
+    if err["type"] == "union_tag_not_found":
         return f"stage needs a 'kind' (one of {', '.join(STAGE_KINDS)})"
-    return err["msg"][0].lower() + err["msg"][1:]
+    return None
 
 
 def _format_validation(e: ValidationError, raw: dict, source: str) -> str:
@@ -204,13 +200,7 @@ def _format_validation(e: ValidationError, raw: dict, source: str) -> str:
     loc = _fmt_loc(first["loc"], raw)
     if first["type"] in ("union_tag_invalid", "union_tag_not_found"):
         loc += ".kind"
-    got = ""
-    if first["type"] not in ("missing", "union_tag_not_found") and "input" in first:
-        val = first["input"]
-        if not isinstance(val, dict | list):
-            got = f" (got {val!r})"
-    more = f" [+{len(errs) - 1} more error(s)]" if len(errs) > 1 else ""
-    return f"{source}: {loc or '<top>'}: {_expected(first)}{got}{more}"
+    return f"{source}: {validation_line(errs, loc or '<top>', _expected(first))}"
 
 
 class UniqueKeyLoader(yaml.SafeLoader):

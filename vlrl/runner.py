@@ -205,8 +205,11 @@ def run_stage(recipe: Recipe, name: str, *, console: Console | None = None, base
     return done
 
 
-def run_recipe(recipe: Recipe, *, console: Console | None = None, force: list[str] | None = None, only: list[str] | None = None) -> list[dict]:
-    """The whole chain: complete stages are skipped (a changed config is reported), others run."""
+def run_recipe(
+    recipe: Recipe, *, console: Console | None = None, force: list[str] | None = None, only: list[str] | None = None, source: str | None = None
+) -> list[dict]:
+    """The whole chain: complete stages are skipped (a changed config is reported), others run.
+    `source`: the recipe file, named in the errors of the checks made before any stage starts."""
     console = console or Console()
     base = recipe.base_dir()
     from vlrl.stage_pool import stage_deps
@@ -239,7 +242,7 @@ def run_recipe(recipe: Recipe, *, console: Console | None = None, force: list[st
             replaced.append(name)
         to_run.append(name)
     # Before any stage starts (hours before RL, say) and before --force moves output aside.
-    check_stages(recipe, to_run)
+    check_stages(recipe, to_run, source=source)
     base.mkdir(parents=True, exist_ok=True)
     (base / "recipe.resolved.json").write_text(recipe.model_dump_json(indent=2, by_alias=True))
     for name in replaced:

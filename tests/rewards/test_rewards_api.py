@@ -111,7 +111,7 @@ def test_option_values_are_checked_against_their_annotations():
         return 1.0
 
     spec = typed.__vlrl_reward__
-    for ok in [{"n": 4}, {"unit": "mm"}, {"box": [0, 1]}, {"path": "/tmp/x"}, {"path": None}, {"mode": "b"}, {"free": [1, "x"]}]:
+    for ok in [{"n": 4}, {"unit": "mm"}, {"box": [0, 1]}, {"path": "models/rm"}, {"path": None}, {"mode": "b"}, {"free": [1, "x"]}]:
         spec.check_args(ok)
     for bad, said in [({"n": "4"}, "option 'n' = '4': expected int"), ({"n": True}, "expected int"),
                       ({"unit": 5}, "option 'unit' = 5: expected str"), ({"box": [0, 1, 2]}, "option 'box'"),

@@ -1,13 +1,21 @@
-"""Two stages at once, one thread each, against one after the other with every thread: the case
-for `parallel:` in a recipe (vlrl/stage_pool.py), side by side in one run.
+"""Two stages at once against one after the other: the case for `parallel:` in a recipe
+(vlrl/stage_pool.py), and what its way of sharing the cores costs, side by side in one run.
 
 Each worker is its own process running the SFT stage's packed optimizer steps (sft/feed.py,
 PackedForward, sft.trainer.optimizer_step) on the same checkpoint and data, as two SFT stages
-of a recipe do. Per round: "sequential" runs one worker with all threads, twice in turn;
-"parallel" runs two workers at once with threads / 2 each. Model loading is outside the
-timed part (workers wait for a common start time). Rounds alternate and the median of the
-per-round ratios sequential seconds / parallel seconds is printed; above 1, running the
-stages at once finishes sooner.
+of a recipe do. Per round, four arms:
+  sequential   one worker with all threads, twice in turn (what `parallel: 1` does);
+  split        two workers at once with threads / 2 each (how the pool shared the cores
+               before: fast, but a training step's floats depend on the thread count on
+               some CPUs, so a stage's numbers depended on what ran beside it);
+  full         two workers at once with all threads each, OpenMP's default (spinning) wait;
+  full+passive two at once with all threads each, OMP_WAIT_POLICY=PASSIVE (what the pool
+               does now: every stage computes exactly as it would alone);
+and a lone worker with all threads and passive waiting, against `sequential`'s first half,
+for what passive waiting costs a stage that runs alone.
+Model loading is outside the timed part (workers wait for a common start time). The median
+over rounds of sequential seconds / each arm's seconds is printed; above 1, that way of
+running two stages at once finishes sooner than one after the other.
 
 Usage: python bench/bench_parallel_stages.py [--data runs/tiny/data] [--model runs/tiny/pretrain/checkpoint]  (after `make demo`)
                                              [--steps 60] [--rounds 3] [--threads 2]
@@ -58,10 +66,10 @@ def worker(args) -> None:
     print(json.dumps({"start": t0, "end": time.time()}), flush=True)
 
 
-def spawn(args, threads: int, seed: int, go_at: float) -> subprocess.Popen:
+def spawn(args, threads: int, seed: int, go_at: float, env: dict | None = None) -> subprocess.Popen:
     cmd = [sys.executable, __file__, "--worker", "--threads", str(threads), "--seed", str(seed), "--go-at", str(go_at),
            "--steps", str(args.steps), "--data", args.data, "--model", args.model]
-    return subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": os.getcwd()})
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env={**os.environ, **(env or {}), "PYTHONPATH": os.getcwd()})
 
 
 def timed(procs: list[subprocess.Popen]) -> float:
@@ -88,16 +96,28 @@ def main() -> None:
     if args.worker:
         worker(args)
         return
-    half = max(1, args.threads // 2)
-    ratios = []
+    half, passive = max(1, args.threads // 2), {"OMP_WAIT_POLICY": "PASSIVE"}
+    ratios: dict[str, list[float]] = {"split": [], "full": [], "full+passive": [], "lone passive": []}
     for r in range(args.rounds):
-        seq = sum(timed([spawn(args, args.threads, seed, time.time() + 6)]) for seed in (0, 1))
-        go = time.time() + 8
-        par = timed([spawn(args, half, seed, go) for seed in (0, 1)])
-        ratios.append(seq / par)
-        print(f"round {r + 1}: sequential (2 x {args.steps} steps, {args.threads} threads) {seq:.1f} s, "
-              f"parallel (2 at once, {half} thread(s) each) {par:.1f} s, ratio {seq / par:.2f}", flush=True)
-    print(f"sequential / parallel seconds, median of {args.rounds} rounds: {statistics.median(ratios):.2f} (above 1: parallel stages finish sooner)")
+        first = timed([spawn(args, args.threads, 0, time.time() + 6)])
+        seq = first + timed([spawn(args, args.threads, 1, time.time() + 6)])
+        arms = {
+            "split": timed([spawn(args, half, seed, go) for go in [time.time() + 8] for seed in (0, 1)]),
+            "full": timed([spawn(args, args.threads, seed, go) for go in [time.time() + 8] for seed in (0, 1)]),
+            "full+passive": timed([spawn(args, args.threads, seed, go, passive) for go in [time.time() + 8] for seed in (0, 1)]),
+        }
+        lone = timed([spawn(args, args.threads, 0, time.time() + 6, passive)])
+        for arm, secs in arms.items():
+            ratios[arm].append(seq / secs)
+        ratios["lone passive"].append(first / lone)
+        print(f"round {r + 1}: sequential (2 x {args.steps} steps, {args.threads} threads) {seq:.1f} s; two at once: "
+              + ", ".join(f"{arm} {secs:.1f} s ({seq / secs:.2f})" for arm, secs in arms.items())
+              + f"; alone, passive wait {lone:.1f} s vs {first:.1f} s ({first / lone:.2f})", flush=True)
+    print(f"median of {args.rounds} rounds, sequential / two at once (above 1: sooner): "
+          f"split ({half} thread(s) each) {statistics.median(ratios['split']):.2f}, "
+          f"full ({args.threads} each, spinning wait) {statistics.median(ratios['full']):.2f}, "
+          f"full+passive ({args.threads} each, OMP_WAIT_POLICY=PASSIVE) {statistics.median(ratios['full+passive']):.2f}; "
+          f"a lone stage, active / passive wait: {statistics.median(ratios['lone passive']):.2f} (below 1: passive is slower alone)")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """`parallel: N` (vlrl/stage_pool.py): independent stages run at once in their own processes,
-with the results of a sequential run, a failing stage stops nothing already running, the
-cores are re-shared when a stage ends, and a killed runner takes its stages with it."""
+with the results of a sequential run (every stage on the threads it would have alone), a
+failing stage stops nothing already running, and a killed runner takes its stages with it."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from rich.console import Console
 from safetensors.torch import load_file
 
@@ -22,10 +23,10 @@ from test_runner import ROOT, _write, micro_recipe
 from vlrl.errors import VlrlError
 from vlrl.recipe import load_recipe, validate_recipe
 from vlrl.runner import run_recipe
-from vlrl.stage_pool import APPLIED_NAME, _last_step, device_share, slots_for, stage_deps, thread_share
+from vlrl.stage_pool import _last_step, device_share, slots_for, stage_deps
 
 
-def two_pretrains(run_dir: Path, parallel: int, steps_b: int = 4, threads: int = 1) -> dict:
+def two_pretrains(run_dir: Path, parallel: int, steps_b: int = 4, threads: int | None = 1) -> dict:
     raw = micro_recipe(run_dir)
     raw.update(parallel=parallel, threads=threads, tracking={"tensorboard": False})
     pre = raw["stages"]["pretrain"]
@@ -59,10 +60,6 @@ def test_an_eval_stage_without_data_waits_for_the_data_it_reads(tmp_path):
 
 
 def test_shares():
-    assert thread_share(2, 2, running=0, ready=1) == 2  # alone: every core
-    assert thread_share(2, 2, running=1, ready=3) == 1
-    assert thread_share(16, 4, running=0, ready=2) == 8
-    assert thread_share(1, 2, running=1, ready=1) == 1
     assert slots_for("cpu", 1, 3) == 3 and slots_for("cuda", 8, 2) == 2
     assert slots_for("cuda", 1, 2) == 1 and slots_for("npu", 3, 4) == 3  # never two stages on one device
     assert device_share(8, 2, 1) == [4, 5, 6, 7]
@@ -77,9 +74,19 @@ def test_last_step_reads_the_end_of_the_metrics(tmp_path):
 
 
 def test_parallel_run_equals_sequential_and_overlaps(tmp_path):
-    seq = run_recipe(validate_recipe(two_pretrains(tmp_path / "seq", parallel=1)))
+    """At torch's default threads (every core): a stage run beside another computes on the
+    threads it has alone, so its weights are the sequential run's bit for bit. When the pool
+    split the cores (one thread each on 2 cores), on CPUs whose training floats depend on the
+    thread count these differed."""
+    fresh = int(subprocess.run([sys.executable, "-c", "import torch; print(torch.get_num_threads())"], capture_output=True, text=True, check=True).stdout)
+    before = torch.get_num_threads()
+    torch.set_num_threads(fresh)  # the sequential run computes in this process, where another test may have set it
+    try:
+        seq = run_recipe(validate_recipe(two_pretrains(tmp_path / "seq", parallel=1, threads=None)))
+    finally:
+        torch.set_num_threads(before)
     out = io.StringIO()
-    par = run_recipe(validate_recipe(two_pretrains(tmp_path / "par", parallel=2)), console=Console(file=out, force_terminal=True, width=160))
+    par = run_recipe(validate_recipe(two_pretrains(tmp_path / "par", parallel=2, threads=None)), console=Console(file=out, force_terminal=True, width=160))
     table = out.getvalue()[out.getvalue().index("stages run at once"):]
     assert all(name in table for name in ("data", "model", "pretrain", "pretrain_b"))
     assert [d["stage"] for d in par] == [d["stage"] for d in seq] == ["data", "model", "pretrain", "pretrain_b"]
@@ -88,6 +95,11 @@ def test_parallel_run_equals_sequential_and_overlaps(tmp_path):
         b = load_file(str(tmp_path / "par" / stage / "checkpoint" / "model.safetensors"))
         assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a), stage
         assert json.loads((tmp_path / "seq" / stage / "eval.json").read_text())["accuracy"] == par[[d["stage"] for d in par].index(stage)]["summary"]["eval"]["accuracy"]
+        assert (tmp_path / "seq" / stage / "metrics.jsonl").read_text().count("\n") > 0
+        drop_time = lambda path: [{k: v for k, v in json.loads(l).items() if "time" not in k and "per_s" not in k and "seconds" not in k} for l in path.read_text().splitlines()]  # noqa: E731
+        assert drop_time(tmp_path / "seq" / stage / "metrics.jsonl") == drop_time(tmp_path / "par" / stage / "metrics.jsonl"), stage
+    threads = {json.loads((tmp_path / mode / stage / "DONE.json").read_text())["threads"] for mode in ("seq", "par") for stage in ("pretrain", "pretrain_b")}
+    assert threads == {fresh}, threads  # a fresh process's default: what each stage has alone
     # started together, not one after the other (the stages' own timings overlap only when a
     # stage outlasts the other's imports, so the runner's log is what is checked)
     log = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", out.getvalue())
@@ -117,11 +129,30 @@ def test_a_failing_stage_lets_the_running_one_finish(tmp_path):
     assert not (tmp_path / "run" / "after").exists()  # nothing new started
 
 
-def test_a_stage_left_alone_gets_the_cores(tmp_path):
-    raw = two_pretrains(tmp_path / "run", parallel=2, steps_b=150, threads=2)
-    run_recipe(validate_recipe(raw))
-    assert (tmp_path / "run" / "pretrain_b" / APPLIED_NAME).read_text() == "2"  # 1 while pretrain ran, then 2
-    assert not (tmp_path / "run" / "pretrain" / APPLIED_NAME).exists()  # the short one never changed
+def test_stages_beside_each_other_wait_without_spinning(tmp_path, monkeypatch):
+    """Two stages on every core each: OpenMP's spinning wait made both 5x slower
+    (bench/bench_parallel_stages.py). A stage started alone stays alone and keeps the faster
+    spinning wait; a user's own setting is kept."""
+    seen = []
+    real = subprocess.Popen
+
+    def spy(cmd, **kw):
+        seen.append(kw["env"].get("OMP_WAIT_POLICY"))
+        return real(cmd, **kw)
+
+    monkeypatch.setattr(subprocess, "Popen", spy)
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+
+    def recipe(run_dir: Path) -> dict:
+        raw = two_pretrains(run_dir, parallel=2)
+        raw["stages"]["merged"] = {"kind": "merge", "from": ["pretrain", "pretrain_b"], "eval": False}  # waits for both: alone
+        return raw
+
+    run_recipe(validate_recipe(recipe(tmp_path / "a")))  # data beside model, pretrain beside pretrain_b, then merged
+    assert seen == ["PASSIVE"] * 4 + [None]
+    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
+    run_recipe(validate_recipe(recipe(tmp_path / "b")))
+    assert seen[5:] == ["ACTIVE"] * 5
 
 
 def _children(marker: str) -> list[int]:

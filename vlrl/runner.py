@@ -201,6 +201,10 @@ def run_stage(recipe: Recipe, name: str, *, console: Console | None = None, base
     inputs = {d: t for d in stage_deps(recipe, name) if (t := _finished(base / d)) is not None}
     done = {"stage": name, "kind": st.kind, "fingerprint": recipe.stage_fingerprint(name), "seconds": round(time.time() - t0, 1), "finished": time.time(),
             "inputs": inputs, "summary": summary}
+    if device.kind == "cpu":  # a CPU step's floats can depend on it: a rerun elsewhere with another count may differ
+        import torch
+
+        done["threads"] = torch.get_num_threads()
     _write_json_atomic(stage_dir / "DONE.json", done)
     return done
 

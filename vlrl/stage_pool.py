@@ -2,17 +2,32 @@
 
 Why: a recipe has stages that do not depend on each other (an SFT run and its ablations;
 the RL stage and the ablation that trains while it runs; data stages), and a machine with
-more cores or accelerators than one stage uses well. On the tiny recipe's 2 cores, two
-one-thread SFT processes did 5.0 steps/s together where one two-thread process did 3.9
-(bench/bench_parallel_stages.py measures it): the tiny model's matmuls are too small for
-intra-op threads to pay.
+more cores or accelerators than one stage uses well. On the tiny recipe's 2 cores, the
+tiny model's matmuls are too small for intra-op threads to pay, so two stages at once
+finish sooner than one after the other (bench/bench_parallel_stages.py measures it).
 
 With `parallel: N` the runner keeps up to N stages running. A stage starts once every stage
 it reads (`from`, `data`, a phase's `data`, `exclude`, and the data its closing eval reads)
-is complete, in recipe order among those ready. Each gets the cores divided by the number of
-stages running or ready when it starts (a stage alone gets them all), and on an accelerator
-machine an equal, disjoint share of the devices (so there, at most one stage per device). A stage's output goes to `<stage>/stage.log`
-and is printed as one block when it ends, so logs never interleave.
+is complete, in recipe order among those ready. On an accelerator machine each gets an
+equal, disjoint share of the devices (so there, at most one stage per device).
+
+Every stage computes with the threads it would have alone (the recipe's `threads`, else
+torch's default), whatever runs beside it, so `parallel` changes when a stage finishes and
+never what it computes. On some CPUs a training step's floats depend on the thread count
+(reductions are split per thread): the pool used to split the cores among the running
+stages and hand a stage more when its neighbour ended, at a step that depended on timing,
+and two runs of one recipe then differed.
+
+A stage started beside another waits for its threads without spinning
+(OMP_WAIT_POLICY=PASSIVE, unless the environment sets it): two processes' spinning OpenMP
+threads on the same cores took 5x as long as running one after the other. A stage started
+alone keeps the spinning wait (passive waiting made a lone stage 1.3x slower), and it stays
+alone: only the end of a running stage makes
+another ready. Measured on 2 cores (bench/bench_parallel_stages.py): two SFT stages at once
+this way finish 1.16-1.21x sooner than one after the other, where one thread each did 1.26x.
+
+A stage's output goes to `<stage>/stage.log` and is printed as one block when it ends, so
+logs never interleave.
 
 Nothing done is lost when something fails: a failing stage stops new starts, the running
 ones finish (and write DONE.json), then the error names the stage and shows its log's end.
@@ -44,9 +59,6 @@ from vlrl.recipe import Recipe
 
 LOG_NAME = "stage.log"
 LAUNCH_NAME = "launch.json"
-THREADS_NAME = "threads"  # the stage's current share, rewritten when stages start or end
-READY_NAME = "threads.ready"  # the child listens for SIGUSR1 (re-read THREADS_NAME) once this exists
-APPLIED_NAME = "threads.applied"  # what the child last set, written by the child
 # The child imports this very vlrl, whatever the working directory holds (`python -m` would
 # put the working directory first, and a checkout there would be imported instead).
 CHILD_CODE = "import sys; sys.path.insert(0, {root!r}); from vlrl.stage_child import main; sys.exit(main(sys.argv[1:]))"
@@ -63,12 +75,6 @@ def stage_deps(recipe: Recipe, name: str) -> list[str]:
         refs.append(spec.data)
     wanted = {r for r in refs if isinstance(r, str) and r in recipe.stages and r != name}
     return [n for n in recipe.stages if n in wanted]
-
-
-def thread_share(cores: int, parallel: int, running: int, ready: int) -> int:
-    """Threads for a stage starting now: the cores split among the stages that will run at once."""
-    at_once = max(1, min(parallel, running + ready))
-    return max(1, cores // at_once)
 
 
 def slots_for(kind: str, count: int, parallel: int) -> int:
@@ -98,15 +104,8 @@ class _Running:
     name: str
     proc: subprocess.Popen
     slot: int
-    threads: int
     log: Path
     started: float
-
-
-def _write_threads(stage_dir: Path, threads: int) -> None:
-    tmp = stage_dir / (THREADS_NAME + ".tmp")
-    tmp.write_text(str(threads))
-    os.replace(tmp, stage_dir / THREADS_NAME)
 
 
 def _clock(seconds: float) -> str:
@@ -145,7 +144,6 @@ def run_parallel(recipe: Recipe, names: list[str], base: Path, console: Console,
     from vlrl.runner import is_complete
 
     device = resolve_device(recipe.device)
-    cores = recipe.threads or os.cpu_count() or 1
     wanted, parallel = parallel, slots_for(device.kind, device.count, parallel)
     if parallel < wanted:
         console.print(f"[yellow]parallel: {wanted} on {device.count} {device.kind} device(s): {parallel} stage(s) at a time, one per device[/]")
@@ -162,18 +160,17 @@ def run_parallel(recipe: Recipe, names: list[str], base: Path, console: Console,
 
     def start(name: str) -> None:
         slot = free_slots.pop(0)
-        threads = thread_share(cores, parallel, len(running), len(ready()))
         stage_dir = base / name
         stage_dir.mkdir(parents=True, exist_ok=True)
         launch = stage_dir / LAUNCH_NAME
-        launch.write_text(recipe.model_copy(update={"threads": threads}).model_dump_json(by_alias=True))
+        launch.write_text(recipe.model_dump_json(by_alias=True))  # threads as the recipe says: what the stage would have alone
         env = dict(os.environ)
+        if running or [n for n in ready() if n != name]:  # not alone: the cores are shared
+            env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
         share = device_share(device.count, parallel, slot) if device.kind != "cpu" else None
         if share is not None and device.visible_env:
             visible = [v for v in env.get(device.visible_env, "").split(",") if v] or [str(i) for i in range(device.count)]
             env[device.visible_env] = ",".join(visible[i] for i in share)
-        _write_threads(stage_dir, threads)
-        (stage_dir / READY_NAME).unlink(missing_ok=True)
         log = stage_dir / LOG_NAME
         with log.open("a") as fh:
             proc = subprocess.Popen(
@@ -181,25 +178,15 @@ def run_parallel(recipe: Recipe, names: list[str], base: Path, console: Console,
                 stdout=fh, stderr=subprocess.STDOUT, env=env, preexec_fn=_die_with_parent,
             )
         pending.remove(name)
-        running.append(_Running(name, proc, slot, threads, log, time.time()))
+        running.append(_Running(name, proc, slot, log, time.time()))
         where = f", devices {env[device.visible_env]}" if share is not None and device.visible_env else ""
-        console.print(f"[bold]stage {name}[/] ({recipe.stages[name].kind}) started: {threads} thread(s){where}", highlight=False)
+        console.print(f"[bold]stage {name}[/] ({recipe.stages[name].kind}) started{where}", highlight=False)
 
-    def rebalance() -> None:
-        """Every running stage gets an equal share of the cores (a stage left alone gets them all)."""
-        for r in running:
-            share = max(1, cores // len(running))
-            if share != r.threads:
-                r.threads = share
-                _write_threads(base / r.name, share)
-                if (base / r.name / READY_NAME).exists():
-                    r.proc.send_signal(signal.SIGUSR1)
-
-    finished: list[tuple[str, float, int, str]] = []  # name, seconds, threads at the end, verdict
+    finished: list[tuple[str, float, str]] = []  # name, seconds, verdict
 
     def status() -> Text:
-        """One line per running stage: how long, on how many threads, how far (its metrics' last step)."""
-        lines = [f"{r.name}: {_clock(time.time() - r.started)}, {r.threads} thread(s)" + (f", step {s}" if (s := _last_step(base / r.name)) else "") for r in running]
+        """One line per running stage: how long, how far (its metrics' last step)."""
+        lines = [f"{r.name}: {_clock(time.time() - r.started)}" + (f", step {s}" if (s := _last_step(base / r.name)) else "") for r in running]
         waiting = f"; waiting: {', '.join(pending)}" if pending else ""
         return Text("running " + " | ".join(lines) + waiting if lines else "", style="dim")
 
@@ -207,12 +194,8 @@ def run_parallel(recipe: Recipe, names: list[str], base: Path, console: Console,
     try:
         with live:
             while pending or running:
-                started = False
                 while failed is None and free_slots and (todo := ready()):
                     start(todo[0])
-                    started = True
-                if started:
-                    rebalance()
                 if not running:
                     break  # nothing can start: a dependency failed
                 time.sleep(0.2)
@@ -224,16 +207,14 @@ def run_parallel(recipe: Recipe, names: list[str], base: Path, console: Console,
                     secs = time.time() - r.started
                     console.out(r.log.read_text(errors="replace").rstrip("\n"), highlight=False)
                     verdict = "done" if r.proc.returncode == 0 else f"[red]FAILED[/] (exit {r.proc.returncode})"
-                    finished.append((r.name, secs, r.threads, "done" if r.proc.returncode == 0 else f"failed ({r.proc.returncode})"))
-                    console.print(f"[bold]stage {r.name}[/]: {verdict} in {secs:.0f} s (ended with {r.threads} thread(s)); log {r.log}", highlight=False)
+                    finished.append((r.name, secs, "done" if r.proc.returncode == 0 else f"failed ({r.proc.returncode})"))
+                    console.print(f"[bold]stage {r.name}[/]: {verdict} in {secs:.0f} s; log {r.log}", highlight=False)
                     if r.proc.returncode == 0 and is_complete(base / r.name):
                         done[r.name] = json.loads((base / r.name / "DONE.json").read_text())
                     elif failed is None:
                         failed = (r.name, r.proc.returncode, r.log)
                         if running:
                             console.print(f"[yellow]stage {r.name} failed; waiting for {', '.join(x.name for x in running)} to finish, starting nothing new[/]")
-                if ended and running and (failed is not None or not ready()):
-                    rebalance()
     except BaseException:
         for r in running:
             r.proc.terminate()
@@ -245,10 +226,10 @@ def run_parallel(recipe: Recipe, names: list[str], base: Path, console: Console,
         raise
     if len(finished) > 1:
         table = Table(title="stages run at once")
-        for col in ("stage", "seconds", "threads at the end", ""):
+        for col in ("stage", "seconds", ""):
             table.add_column(col, justify="left" if col in ("stage", "") else "right")
-        for name, secs, threads, verdict in finished:
-            table.add_row(name, f"{secs:.0f}", str(threads), verdict)
+        for name, secs, verdict in finished:
+            table.add_row(name, f"{secs:.0f}", verdict)
         console.print(table)
     if failed is not None:
         name, rc, log = failed

@@ -14,6 +14,11 @@ Forms (decided from the function itself, or from the decorator for `batched`):
 - batched: `@reward(batched=True) def f(samples, **options) -> list[...]`, one value per
            sample, in order; an `Exception` instance in the list fails that one item.
 
+`bounds=(lo, hi)` declares the values the plugin can return (either end may be None): a
+value outside fails that sample, as a NaN does, naming the bound, so a plugin that returns
+a percentage where 0-1 was meant, or a raw logit, is caught where it ran instead of
+swamping the group's advantages. A recipe component's `bounds:` sets or overrides it.
+
 Options come from the recipe's `args:` and are checked against the signature when
 the plugin is loaded, as is the return annotation (when there is one). A class plugin
 takes its options in `__init__` (keep it cheap: load heavy things on first call) and
@@ -180,6 +185,7 @@ class RewardSpec:
     isolate: bool = True  # default placement: the process pool (True) or in-process (False)
     correct_at: float | None = None  # a value at or above this marks the sample correct
     description: str = ""
+    bounds: tuple[float | None, float | None] | None = None  # values it may return (None: unbounded)
     options: tuple[str, ...] = ()  # keyword options the plugin accepts
     required: tuple[str, ...] = ()  # options without defaults
     var_keyword: bool = False  # accepts **kwargs
@@ -250,6 +256,7 @@ def reward(
     correct_at: float | None = None,
     description: str | None = None,
     validate: Callable[..., None] | None = None,
+    bounds: tuple[float | None, float | None] | None = None,
     register: bool = True,
 ):
     """Declare a reward plugin and register it under `name` (default: the function's name).
@@ -262,7 +269,8 @@ def reward(
     (the default for sync plugins) or in-process (the default for async and model
     plugins). The signature and return annotation are checked here, so mistakes
     surface when the module is imported, naming the plugin; `validate(**options)`, if
-    given, checks option values when a stack loads the plugin.
+    given, checks option values when a stack loads the plugin. `bounds=(lo, hi)`: a value
+    outside fails the sample (see the module docstring).
     """
 
     def deco(obj):
@@ -279,6 +287,7 @@ def reward(
             correct_at=correct_at,
             description=description,
             validate=validate,
+            bounds=bounds,
         )
         setattr(obj, SPEC_ATTR, spec)
         if register:
@@ -303,11 +312,17 @@ def build_spec(
     correct_at: float | None = None,
     description: str | None = None,
     validate: Callable[..., None] | None = None,
+    bounds: tuple[float | None, float | None] | None = None,
 ) -> RewardSpec:
     """Inspect a function or class and check it against the contract."""
     is_class = inspect.isclass(obj)
     label_name = name or getattr(obj, "__name__", repr(obj))
     label = f"reward plugin {label_name!r} ({source})"
+    if bounds is not None:
+        try:
+            bounds = check_bounds(bounds)
+        except ValueError as e:
+            raise PluginError(f"{label}: bounds {bounds!r}: {e}") from None
     if not callable(obj):
         raise PluginError(f"{label}: {type(obj).__name__} is not callable; a reward is a function or a class")
     call = obj.__call__ if is_class else obj
@@ -374,6 +389,7 @@ def build_spec(
         var_keyword=var_keyword,
         validate=validate,
         option_types=option_types,
+        bounds=bounds,
     )
 
 
@@ -490,12 +506,39 @@ def _fmt(ann: Any) -> str:
 # Checking what a plugin returned (done where it ran, so bad values never travel).
 
 
-def check_value(v: Any) -> float | dict[str, float | None] | None:
-    """A plugin's return value as a reward value, or RewardError saying what is wrong."""
+def check_bounds(bounds: Any) -> tuple[float | None, float | None]:
+    """(lo, hi) as floats (None: that side unbounded); ValueError says what is wrong."""
+    if isinstance(bounds, (str, bytes, Mapping)) or not isinstance(bounds, Sequence) or len(bounds) != 2:
+        raise ValueError("expected two numbers [lo, hi] (either may be null)")
+    out = []
+    for b in bounds:
+        if b is not None and (isinstance(b, bool) or not isinstance(b, numbers.Real) or math.isnan(float(b))):
+            raise ValueError(f"{b!r} is not a number")
+        out.append(None if b is None else float(b))
+    lo, hi = out
+    if lo is not None and hi is not None and lo > hi:
+        raise ValueError(f"lo {lo:g} is above hi {hi:g}")
+    return lo, hi
+
+
+def fmt_bounds(bounds: tuple[float | None, float | None]) -> str:
+    lo, hi = bounds
+    return f"[{'-inf' if lo is None else f'{lo:g}'}, {'inf' if hi is None else f'{hi:g}'}]"
+
+
+def _in_bounds(f: float, where: str, bounds: tuple[float | None, float | None] | None) -> float:
+    if bounds is not None and ((bounds[0] is not None and f < bounds[0]) or (bounds[1] is not None and f > bounds[1])):
+        raise RewardError(f"returned{where} {f:g}, outside its bounds {fmt_bounds(bounds)}")
+    return f
+
+
+def check_value(v: Any, bounds: tuple[float | None, float | None] | None = None) -> float | dict[str, float | None] | None:
+    """A plugin's return value as a reward value, or RewardError saying what is wrong
+    (not a number, NaN or inf, outside `bounds`)."""
     if v is None:
         return None
     if isinstance(v, numbers.Real) and not isinstance(v, (str, bytes)):
-        return _finite(v, "")
+        return _in_bounds(_finite(v, ""), "", bounds)
     if isinstance(v, Mapping):
         if len(v) > MAX_NAMED_COMPONENTS:
             raise RewardError(f"returned a dict with {len(v)} keys (at most {MAX_NAMED_COMPONENTS} named components)")
@@ -506,14 +549,14 @@ def check_value(v: Any) -> float | dict[str, float | None] | None:
             if x is None:
                 out[k] = None
             elif isinstance(x, numbers.Real):
-                out[k] = _finite(x, f"[{k!r}]")
+                out[k] = _in_bounds(_finite(x, f"[{k!r}]"), f"[{k!r}]", bounds)
             else:
                 raise RewardError(f"returned {{{k!r}: {type(x).__name__}}}; named components must be float or None")
         return out
     raise RewardError(f"returned {type(v).__name__} {short(repr_safe(v), 80)}; expected float, None or dict[str, float]")
 
 
-def check_batch(values: Any, n: int) -> list[Any]:
+def check_batch(values: Any, n: int, bounds: tuple[float | None, float | None] | None = None) -> list[Any]:
     """A batched plugin's return: a list of n values (or exceptions, which fail that item)."""
     if isinstance(values, (str, bytes, Mapping)) or not isinstance(values, Sequence):
         raise RewardError(f"batched plugin returned {type(values).__name__}; expected a list of {n} values")
@@ -525,7 +568,7 @@ def check_batch(values: Any, n: int) -> list[Any]:
             out.append(v)
             continue
         try:
-            out.append(check_value(v))
+            out.append(check_value(v, bounds))
         except RewardError as e:
             out.append(e)
     return out

@@ -25,10 +25,11 @@ def _fail(msg: str) -> None:
 @app.command("list")
 def list_cmd() -> None:
     """List registered reward plugins and those installed through the `vlrl.rewards` entry points."""
+    from rewards.api import fmt_bounds
     from rewards.registry import REGISTRY, entry_points
 
     table = Table(title="reward plugins")
-    for col in ("name", "kind", "form", "runs in", "correct at", "description"):
+    for col in ("name", "kind", "form", "runs in", "correct at", "bounds", "description"):
         table.add_column(col, overflow="fold")
     rows = [(s.name, s) for s in REGISTRY.specs()]
     for name, ep in sorted(entry_points().items()):
@@ -36,12 +37,13 @@ def list_cmd() -> None:
             try:
                 rows.append((name, REGISTRY.resolve(name)))
             except Exception as e:  # show a broken plugin instead of hiding it
-                table.add_row(name, "?", "?", "?", "", f"[red]cannot load ({escape(ep.value)}): {escape(str(e))}[/red]")
+                table.add_row(name, "?", "?", "?", "", "", f"[red]cannot load ({escape(ep.value)}): {escape(str(e))}[/red]")
     for name, s in rows:
         form = ("async " if s.is_async else "") + ("batched" if s.batched else "per sample") + (", class" if s.is_class else "")
         if s.needs_scores:
             form += ", after scores"
-        table.add_row(name, s.kind, form, "pool" if s.isolate else "in-process", "" if s.correct_at is None else f"{s.correct_at:g}", escape(s.description))
+        table.add_row(name, s.kind, form, "pool" if s.isolate else "in-process", "" if s.correct_at is None else f"{s.correct_at:g}",
+                      "" if s.bounds is None else fmt_bounds(s.bounds), escape(s.description))
     Console(width=160).print(table)
 
 

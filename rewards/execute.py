@@ -27,6 +27,7 @@ class ComponentDef:
     is_class: bool
     is_async: bool
     batched: bool
+    bounds: tuple[float | None, float | None] | None = None  # a value outside fails the sample
 
 
 def run_call(fn: Callable, comp: ComponentDef, samples: list[RewardSample], timeout: float, loop: asyncio.AbstractEventLoop | None) -> tuple[list[ItemOutcome], bool]:
@@ -72,10 +73,10 @@ async def _bounded(aw, timeout: float):
 def _outcomes(result: Any, comp: ComponentDef, n: int) -> list[ItemOutcome]:
     if comp.batched:
         out: list[ItemOutcome] = []
-        for v in check_batch(result, n):
+        for v in check_batch(result, n, comp.bounds):
             out.append((None, describe_exception(v)) if isinstance(v, BaseException) else (v, None))
         return out
-    return [(check_value(result), None)]
+    return [(check_value(result, comp.bounds), None)]
 
 
 def failure(msg: str, n: int) -> list[ItemOutcome]:

@@ -114,7 +114,7 @@ def warmup() -> None:
     _math_verify_equal("1", "1", 5)
 
 
-@reward("math_accuracy", correct_at=1.0)
+@reward("math_accuracy", correct_at=1.0, bounds=(0.0, 1.0))
 def math_accuracy(
     sample: RewardSample, *, require_boxed: bool = False, parse_timeout_s: int | None = 5, max_answer_chars: int = 1000
 ) -> float | None:
@@ -156,7 +156,7 @@ def _check_format_options(think: str = "optional", answer: str = "boxed") -> Non
         raise ValueError(f"answer must be boxed, tag or any, not {answer!r}")
 
 
-@reward("format", validate=_check_format_options)
+@reward("format", validate=_check_format_options, bounds=(0.0, 1.0))
 def format_reward(sample: RewardSample, *, think: str = "optional", answer: str = "boxed") -> float:
     """1.0 when the response has the asked shape: <think>...</think> (required / optional /
     forbidden) followed by a final answer in \\boxed{} (answer="boxed"), <answer></answer>
@@ -189,7 +189,7 @@ def format_reward(sample: RewardSample, *, think: str = "optional", answer: str 
 # Matching
 
 
-@reward("exact_match", correct_at=1.0)
+@reward("exact_match", correct_at=1.0, bounds=(0.0, 1.0))
 def exact_match(sample: RewardSample) -> float | None:
     """1.0 when the answer equals the reference after normalisation (case, spaces, \\text{})."""
     if sample.answer is None:
@@ -197,7 +197,7 @@ def exact_match(sample: RewardSample) -> float | None:
     return float(normalize_text(extract_answer(sample.response)) == normalize_text(str(sample.answer)))
 
 
-@reward("number_match", correct_at=1.0)
+@reward("number_match", correct_at=1.0, bounds=(0.0, 1.0))
 def number_match(sample: RewardSample, *, rel_tol: float = 1e-6, abs_tol: float = 1e-9) -> float | None:
     """1.0 when the first number of the answer equals the reference's (fractions, commas ok)."""
     if sample.answer is None:
@@ -225,7 +225,7 @@ def _choice_letter(text: str, choices: list[str] | None) -> str | None:
     return m.group(1) if m else None
 
 
-@reward("choice_match", correct_at=1.0)
+@reward("choice_match", correct_at=1.0, bounds=(0.0, 1.0))
 def choice_match(sample: RewardSample) -> float | None:
     """1.0 when the chosen option letter (or option text, with meta["choices"]) is the reference's."""
     if sample.answer is None:
@@ -261,7 +261,7 @@ def anls(pred: str, ref: str, threshold: float = 0.5) -> float:
     return 0.0 if dist > threshold else 1.0 - dist
 
 
-@reward("ocr_similarity", correct_at=1.0)
+@reward("ocr_similarity", correct_at=1.0, bounds=(0.0, 1.0))
 def ocr_similarity(sample: RewardSample, *, threshold: float = 0.5) -> float | None:
     """ANLS text similarity in [0, 1] for reading tasks; 1.0 only for an exact (normalised) read."""
     if sample.answer is None:
@@ -269,7 +269,7 @@ def ocr_similarity(sample: RewardSample, *, threshold: float = 0.5) -> float | N
     return anls(extract_answer(sample.response), str(sample.answer), threshold)
 
 
-@reward("iou", correct_at=0.5)
+@reward("iou", correct_at=0.5, bounds=(0.0, 1.0))
 def iou(sample: RewardSample) -> float | None:
     """IoU of the answered box [x1, y1, x2, y2] with the reference box; 0.0 for no box."""
     ref = parse_box(str(sample.answer)) if sample.answer is not None else None
@@ -279,7 +279,7 @@ def iou(sample: RewardSample) -> float | None:
     return 0.0 if pred is None else box_iou(pred, ref)
 
 
-@reward("counting", correct_at=1.0)
+@reward("counting", correct_at=1.0, bounds=(0.0, 1.0))
 def counting(sample: RewardSample, *, partial: bool = False) -> float | None:
     """1.0 for the right count; with partial=True, max(0, 1 - |n - ref| / max(ref, 1))."""
     ref = parse_number(str(sample.answer)) if sample.answer is not None else None
@@ -293,7 +293,7 @@ def counting(sample: RewardSample, *, partial: bool = False) -> float | None:
     return max(0.0, 1.0 - abs(pred - ref) / max(abs(ref), 1.0)) if partial else 0.0
 
 
-@reward("answer_match", correct_at=1.0)
+@reward("answer_match", correct_at=1.0, bounds=(0.0, 1.0))
 def answer_match(sample: RewardSample, *, iou_threshold: float = 0.5) -> float | None:
     """Task-aware accuracy (numbers via math_accuracy, boxes by IoU threshold, text exactly):
     the same verdict as eval's `vlrl.answers.is_correct`, with math-verify for numbers."""

@@ -37,7 +37,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from vlrl.errors import DataError, RecipeError, validation_line
 
-from rewards.api import PluginError, RewardSample, RewardSpec
+from rewards.api import PluginError, RewardSample, RewardSpec, check_bounds
 from rewards.execute import ComponentDef, failure, run_call, run_call_async
 from rewards.pool import Call, CallOutcome, PoolStats, WorkerPool
 from rewards.registry import REGISTRY, Registry, plugin_ref
@@ -59,6 +59,7 @@ class ComponentConfig(BaseModel):
     isolate: bool | None = None  # run in the process pool; None = the plugin's default
     standardize: bool | None = None  # z-score within the group; None = stack flag for model plugins
     correct_at: float | None = None  # value that marks the sample correct; None = the plugin's default
+    bounds: tuple[float | None, float | None] | None = None  # [lo, hi] a value must lie in (null: unbounded side); None = the plugin's declared bounds
     batch_size: int = Field(default=32, ge=1)  # samples per call for batched plugins
     sub_weights: dict[str, float] = Field(default_factory=dict)  # weights of named sub-components (default 1)
 
@@ -68,6 +69,11 @@ class ComponentConfig(BaseModel):
         if not math.isfinite(v):
             raise ValueError("weight must be a finite number")
         return v
+
+    @field_validator("bounds", mode="before")
+    @classmethod
+    def _bounds(cls, v: Any) -> Any:
+        return None if v is None else check_bounds(v)
 
 
 class GateConfig(BaseModel):
@@ -319,7 +325,7 @@ class RewardStack:
                 f"rewards.components.{name}: {spec.label} is defined where worker processes cannot import it "
                 "(inside a function, a lambda, or an interactive session); define it at module level, or set isolate: false"
             )
-        defn = ComponentDef(name, ref, args, spec.is_class, spec.is_async, spec.batched)
+        defn = ComponentDef(name, ref, args, spec.is_class, spec.is_async, spec.batched, cc.bounds if cc.bounds is not None else spec.bounds)
         standardize = cc.standardize if cc.standardize is not None else (spec.kind == "model" and self.config.standardize_model_scores)
         return _Component(
             name=name,

@@ -30,7 +30,7 @@ from typing import Callable
 from rewards.api import RewardSample, reward
 
 
-@reward("overlong", kind="term", isolate=False)
+@reward("overlong", kind="term", isolate=False, bounds=(-1.0, 0.0))
 class OverlongPenalty:
     """DAPO soft overlong penalty: 0 up to max_length - cache tokens, then falling linearly to -1
     at max_length, -1 beyond."""
@@ -61,7 +61,7 @@ def group_length_lambda(lengths: list[int], i: int) -> float:
     return 0.5 - (lengths[i] - lo) / (hi - lo)
 
 
-@reward("group_length", kind="term", isolate=False, needs_scores=True)
+@reward("group_length", kind="term", isolate=False, needs_scores=True, bounds=(-0.5, 0.5))
 def group_length(sample: RewardSample) -> float | None:
     """Kimi k1.5 group length reward: lambda for correct responses, min(0, lambda) for wrong ones."""
     if sample.correct is None:
@@ -70,7 +70,7 @@ def group_length(sample: RewardSample) -> float | None:
     return lam if sample.correct else min(0.0, lam)
 
 
-@reward("conciseness", kind="term", isolate=False, needs_scores=True)
+@reward("conciseness", kind="term", isolate=False, needs_scores=True, bounds=(-1.0, 0.0))
 def conciseness(sample: RewardSample) -> float | None:
     """L_min / L - 1 for a correct response (L_min: shortest correct one in the group), else 0."""
     if sample.correct is None:
@@ -115,7 +115,7 @@ def _similarity_fn(spec: str) -> Callable[[str, str], float]:
     return fn
 
 
-@reward("diversity", kind="term", isolate=False, needs_scores=True)
+@reward("diversity", kind="term", isolate=False, needs_scores=True, bounds=(-1.0, 1.0))
 class Diversity:
     """Group diversity: 1 - dup for correct responses, -dup for near-duplicates (dup >= threshold),
     where dup is the highest similarity to another response of the group."""

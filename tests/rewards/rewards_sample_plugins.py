@@ -50,3 +50,19 @@ def maybe(sample: RewardSample) -> float | None:
 
 def undecorated(sample):
     return 0.75
+
+
+@reward(register=False, bounds=(0.0, 1.0))
+def percent(sample: RewardSample) -> float:
+    """A bug bounds catch: a percentage where 0-1 was declared (100 for "ok")."""
+    return 100.0 if sample.response == "ok" else 0.5
+
+
+@reward(register=False, bounds=(None, 0.0))
+def named_penalties(sample: RewardSample) -> dict[str, float | None]:
+    return {"a": -1.0, "b": float(len(sample.response)) - 2}  # "b" > 0 for responses longer than 2
+
+
+@reward(register=False, batched=True, bounds=(0.0, 10.0))
+def batched_len_bounded(samples: list[RewardSample]) -> list[float]:
+    return [float(len(s.response)) for s in samples]

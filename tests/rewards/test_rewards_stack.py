@@ -252,3 +252,41 @@ def test_with_base_dir_points_relative_plugin_files_at_the_recipe_folder(tmp_pat
     assert cfg.components["a"].fn == "mine.py:f"  # the original is not changed
     with RewardStack.from_config(moved.model_copy(update={"workers": 0})) as st:
         assert st.score([S("x")])[0].components["a"] == 0.5
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_values_outside_declared_bounds_fail_the_sample_naming_the_bound(workers):
+    """A plugin declaring bounds=(0, 1) that returns 100 fails that sample (fallback, counted),
+    in the pool and in-process; each named component and each batch item is checked alone."""
+    cfg = {"workers": workers, "components": {"p": f"{P}:percent", "n": f"{P}:named_penalties", "b": f"{P}:batched_len_bounded"}}
+    with RewardStack.from_config(cfg) as st:
+        good, bad, long = st.score([S("no"), S("ok"), S("x" * 11)])
+        m = st.metrics()
+    assert good.components["p"] == 0.5 and not good.failures
+    assert bad.components["p"] == 0.0 and bad.failures["p"] == "returned 100, outside its bounds [0, 1]"
+    assert long.failures["n"] == "returned['b'] 9, outside its bounds [-inf, 0]"
+    assert long.failures["b"] == "returned 11, outside its bounds [0, 10]" and long.components["b"] == 0.0
+    assert "b" not in bad.failures and bad.components["b"] == 2.0
+    assert m["reward/p/fail_count"] == 1 and m["reward/n/fail_count"] == 1 and m["reward/b/fail_count"] == 1
+
+
+def test_a_recipe_sets_or_overrides_bounds_and_bad_bounds_name_the_key():
+    cfg = {"components": {"p": {"fn": f"{P}:percent", "bounds": [0, 100]}, "len": {"fn": f"{P}:length_bonus", "bounds": [None, 0.05]}}}
+    with local(cfg) as st:
+        r = st.score([S("ok")])[0]
+    assert r.components["p"] == 100.0 and "p" not in r.failures  # the recipe widened the plugin's bounds
+    assert r.failures["len"] == "returned 0.1, outside its bounds [-inf, 0.05]"  # and bounded a plugin that declared none
+    for bounds, msg in (([1, 0], "lo 1 is above hi 0"), ([0], "expected two numbers"), (["a", 1], "'a' is not a number")):
+        with pytest.raises(RecipeError) as e:
+            local({"components": {"p": {"fn": f"{P}:percent", "bounds": bounds}}})
+        assert str(e.value).startswith("rewards.components.p.bounds: ") and msg in str(e.value), str(e.value)
+
+
+def test_built_ins_declare_their_bounds():
+    from rewards.registry import REGISTRY
+
+    assert REGISTRY.resolve("answer_match").bounds == (0.0, 1.0) and REGISTRY.resolve("overlong").bounds == (-1.0, 0.0)
+    with pytest.raises(Exception, match=r"bounds \(2, 1\): lo 2 is above hi 1"):
+        from rewards.api import reward
+
+        reward(register=False, bounds=(2, 1))(lambda sample: 0.0)

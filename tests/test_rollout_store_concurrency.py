@@ -123,7 +123,7 @@ def test_reader_sees_only_whole_batches_while_a_writer_appends(tmp_path):
     path = tmp_path / "rollouts.sqlite"
     RolloutStore(path).close()  # the stage creates the store before its readers start
     n, batches = 40, 25
-    proc = _spawn(path, batches=batches, n=n, pause_s=0.02)
+    proc = _spawn(path, batches=batches, n=n, pause_s=0.15)  # ~4 s of appends: a reader slowed by a busy machine still sees it grow
     reader = RolloutStore(path, readonly=True)
     seen = []
     deadline = time.time() + 60

@@ -98,14 +98,16 @@ def main() -> None:
         return
     half, passive = max(1, args.threads // 2), {"OMP_WAIT_POLICY": "PASSIVE"}
     ratios: dict[str, list[float]] = {"split": [], "full": [], "full+passive": [], "lone passive": []}
+
+    def together(threads: int, env: dict | None = None) -> float:
+        """Seconds for two workers started at one moment (seeds 0 and 1)."""
+        go = time.time() + 8
+        return timed([spawn(args, threads, seed, go, env) for seed in (0, 1)])
+
     for r in range(args.rounds):
         first = timed([spawn(args, args.threads, 0, time.time() + 6)])
         seq = first + timed([spawn(args, args.threads, 1, time.time() + 6)])
-        arms = {
-            "split": timed([spawn(args, half, seed, go) for go in [time.time() + 8] for seed in (0, 1)]),
-            "full": timed([spawn(args, args.threads, seed, go) for go in [time.time() + 8] for seed in (0, 1)]),
-            "full+passive": timed([spawn(args, args.threads, seed, go, passive) for go in [time.time() + 8] for seed in (0, 1)]),
-        }
+        arms = {"split": together(half), "full": together(args.threads), "full+passive": together(args.threads, passive)}
         lone = timed([spawn(args, args.threads, 0, time.time() + 6, passive)])
         for arm, secs in arms.items():
             ratios[arm].append(seq / secs)

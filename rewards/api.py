@@ -43,6 +43,7 @@ from typing import Any, Literal, Union
 
 Kind = Literal["rule", "model", "term"]
 Value = Union[float, dict[str, Union[float, None]], None]
+Bounds = tuple[Union[float, None], Union[float, None]]  # (lo, hi); None: that side unbounded
 
 MAX_NAMED_COMPONENTS = 32  # a dict return with more keys than this is an error
 MAX_ERROR_CHARS = 400  # failure messages are cut to this length
@@ -185,7 +186,7 @@ class RewardSpec:
     isolate: bool = True  # default placement: the process pool (True) or in-process (False)
     correct_at: float | None = None  # a value at or above this marks the sample correct
     description: str = ""
-    bounds: tuple[float | None, float | None] | None = None  # values it may return (None: unbounded)
+    bounds: Bounds | None = None  # values it may return (None: unbounded)
     options: tuple[str, ...] = ()  # keyword options the plugin accepts
     required: tuple[str, ...] = ()  # options without defaults
     var_keyword: bool = False  # accepts **kwargs
@@ -256,7 +257,7 @@ def reward(
     correct_at: float | None = None,
     description: str | None = None,
     validate: Callable[..., None] | None = None,
-    bounds: tuple[float | None, float | None] | None = None,
+    bounds: Bounds | None = None,
     register: bool = True,
 ):
     """Declare a reward plugin and register it under `name` (default: the function's name).
@@ -312,7 +313,7 @@ def build_spec(
     correct_at: float | None = None,
     description: str | None = None,
     validate: Callable[..., None] | None = None,
-    bounds: tuple[float | None, float | None] | None = None,
+    bounds: Bounds | None = None,
 ) -> RewardSpec:
     """Inspect a function or class and check it against the contract."""
     is_class = inspect.isclass(obj)
@@ -506,7 +507,7 @@ def _fmt(ann: Any) -> str:
 # Checking what a plugin returned (done where it ran, so bad values never travel).
 
 
-def check_bounds(bounds: Any) -> tuple[float | None, float | None]:
+def check_bounds(bounds: Any) -> Bounds:
     """(lo, hi) as floats (None: that side unbounded); ValueError says what is wrong."""
     if isinstance(bounds, (str, bytes, Mapping)) or not isinstance(bounds, Sequence) or len(bounds) != 2:
         raise ValueError("expected two numbers [lo, hi] (either may be null)")
@@ -521,18 +522,18 @@ def check_bounds(bounds: Any) -> tuple[float | None, float | None]:
     return lo, hi
 
 
-def fmt_bounds(bounds: tuple[float | None, float | None]) -> str:
+def fmt_bounds(bounds: Bounds) -> str:
     lo, hi = bounds
     return f"[{'-inf' if lo is None else f'{lo:g}'}, {'inf' if hi is None else f'{hi:g}'}]"
 
 
-def _in_bounds(f: float, where: str, bounds: tuple[float | None, float | None] | None) -> float:
+def _in_bounds(f: float, where: str, bounds: Bounds | None) -> float:
     if bounds is not None and ((bounds[0] is not None and f < bounds[0]) or (bounds[1] is not None and f > bounds[1])):
         raise RewardError(f"returned{where} {f:g}, outside its bounds {fmt_bounds(bounds)}")
     return f
 
 
-def check_value(v: Any, bounds: tuple[float | None, float | None] | None = None) -> float | dict[str, float | None] | None:
+def check_value(v: Any, bounds: Bounds | None = None) -> float | dict[str, float | None] | None:
     """A plugin's return value as a reward value, or RewardError saying what is wrong
     (not a number, NaN or inf, outside `bounds`)."""
     if v is None:
@@ -556,7 +557,7 @@ def check_value(v: Any, bounds: tuple[float | None, float | None] | None = None)
     raise RewardError(f"returned {type(v).__name__} {short(repr_safe(v), 80)}; expected float, None or dict[str, float]")
 
 
-def check_batch(values: Any, n: int, bounds: tuple[float | None, float | None] | None = None) -> list[Any]:
+def check_batch(values: Any, n: int, bounds: Bounds | None = None) -> list[Any]:
     """A batched plugin's return: a list of n values (or exceptions, which fail that item)."""
     if isinstance(values, (str, bytes, Mapping)) or not isinstance(values, Sequence):
         raise RewardError(f"batched plugin returned {type(values).__name__}; expected a list of {n} values")

@@ -11,7 +11,7 @@ import inspect
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from rewards.api import RewardError, RewardSample, check_batch, check_value, describe_exception, short
+from rewards.api import Bounds, RewardError, RewardSample, check_batch, check_value, describe_exception, short
 
 # (value, error): error is None on success; value is None when not applicable or failed
 ItemOutcome = tuple[Any, "str | None"]
@@ -27,7 +27,7 @@ class ComponentDef:
     is_class: bool
     is_async: bool
     batched: bool
-    bounds: tuple[float | None, float | None] | None = None  # a value outside fails the sample
+    bounds: Bounds | None = None  # a value outside fails the sample
 
 
 def run_call(fn: Callable, comp: ComponentDef, samples: list[RewardSample], timeout: float, loop: asyncio.AbstractEventLoop | None) -> tuple[list[ItemOutcome], bool]:

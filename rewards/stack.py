@@ -37,7 +37,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from vlrl.errors import DataError, RecipeError, validation_line
 
-from rewards.api import PluginError, RewardSample, RewardSpec, check_bounds
+from rewards.api import Bounds, PluginError, RewardSample, RewardSpec, check_bounds
 from rewards.execute import ComponentDef, failure, run_call, run_call_async
 from rewards.pool import Call, CallOutcome, PoolStats, WorkerPool
 from rewards.registry import REGISTRY, Registry, plugin_ref
@@ -59,7 +59,7 @@ class ComponentConfig(BaseModel):
     isolate: bool | None = None  # run in the process pool; None = the plugin's default
     standardize: bool | None = None  # z-score within the group; None = stack flag for model plugins
     correct_at: float | None = None  # value that marks the sample correct; None = the plugin's default
-    bounds: tuple[float | None, float | None] | None = None  # [lo, hi] a value must lie in (null: unbounded side); None = the plugin's declared bounds
+    bounds: Bounds | None = None  # [lo, hi] a value must lie in (null: unbounded side); None = the plugin's declared bounds
     batch_size: int = Field(default=32, ge=1)  # samples per call for batched plugins
     sub_weights: dict[str, float] = Field(default_factory=dict)  # weights of named sub-components (default 1)
 

@@ -352,3 +352,25 @@ def test_family_shares_are_keyed_by_family(override, expected):
     with pytest.raises(RecipeError) as e:
         load_recipe(TINY, [override])
     assert expected in str(e.value)
+
+
+def test_hybrid_recipe_reuses_the_tiny_runs_stages():
+    """tiny-hybrid.yaml says pointing it at a tiny run reuses that run's SFT checkpoint:
+    that holds only while every stage before its RL stage is tiny.yaml's, byte for byte
+    of config, and its RL stage is tiny's with the hybrid terms added (the ablation's
+    `anchor` variant is then the tiny recipe's RL)."""
+    from rlhf.ablation import strip_term, terms_on
+
+    tiny, hybrid = load_recipe(TINY), load_recipe(ROOT / "recipes" / "tiny-hybrid.yaml")
+    before = [n for n in hybrid.stages if n != "rl_hybrid"]
+    assert before and all(n in tiny.stages for n in before)
+    assert {n: hybrid.stage_fingerprint(n) for n in before} == {n: tiny.stage_fingerprint(n) for n in before}
+    raw_h = yaml.safe_load((ROOT / "recipes" / "tiny-hybrid.yaml").read_text())["stages"]["rl_hybrid"]
+    assert terms_on(raw_h) == ["anchor", "visual", "diversity", "concise"]
+    for term in ("visual", "diversity", "concise"):
+        raw_h = strip_term(raw_h, term)
+    assert raw_h["algo"].pop("visual") == {"coef": 0.0, "cap": 0.5, "per": "token", "correct_only": True, "metric": True}
+    raw_h.pop("kind")
+    raw = _raw()
+    as_tiny = validate_recipe({**raw, "stages": {**raw["stages"], "rl": raw_h}})
+    assert as_tiny.stage_fingerprint("rl") == tiny.stage_fingerprint("rl")

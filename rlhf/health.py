@@ -25,6 +25,7 @@ from __future__ import annotations
 
 from collections import Counter, deque
 from dataclasses import dataclass, field
+from typing import Callable
 
 
 @dataclass
@@ -109,6 +110,18 @@ def length_is_penalised(reward_terms: dict, rewards: dict) -> bool:
     return any(fn in names and weight != 0.0 for fn, weight in specs)
 
 
+def route_fns(rewards: dict, task: str) -> list[str]:
+    """The reward functions that score a `task` record under the stage's `rewards` section
+    (its route's components by their `fn`, plus `always`): what a collapse warning needs to
+    know to say whether the task is on partial credit."""
+    from rewards.stack import RewardStackConfig
+
+    stack = RewardStackConfig(**rewards)
+    route = stack.routing.get(task, stack.default_route)
+    names = [*(list(stack.components) if route is None else route), *stack.always]
+    return [stack.components[n].fn if n in stack.components else n for n in names]
+
+
 def answer_key(response: str, answer_type: str) -> str | None:
     """The answer a response gives, in a form where equal answers are equal strings: numbers
     canonical, text normalised, boxes snapped to a 10-unit grid (a collapse onto one box
@@ -144,6 +157,7 @@ class AnswerCollapseWatch:
     share: float = 0.5
     ratio: float = 3.0
     min_responses: int = 100
+    route: Callable[[str], list[str]] | None = None  # task -> the reward fns scoring it (route_fns), to tailor the advice
     _recent: dict = field(default_factory=dict, repr=False)  # task -> deque (one entry a step) of (response, reference) pairs
     warned: set = field(default_factory=set)
 
@@ -154,10 +168,20 @@ class AnswerCollapseWatch:
             raise ValueError("ratio must be >= 1, window and min_responses >= 1")
 
     def _message(self, step: int, task: str, steps: int, key: str, got: float, ref: float) -> str:
-        return (
+        said = (
             f"rl step {step}: {got:.0%} of the {task} responses of the last {steps} steps answer {key!r}, "
             f"while no reference answer of those prompts covers more than {ref:.0%}: the policy gives one answer "
-            "whatever the prompt shows. A partial-credit reward (ocr_similarity, iou, partial counting) pays for "
+            "whatever the prompt shows. "
+        )
+        if self.route is not None and "answer_match" in self.route(task):
+            # measured on the tiny recipe without the anchor: read_word went to 'green' under the exact verdict too
+            return said + (
+                f"{task} is already scored by the eval's exact verdict (answer_match), so no partial credit is being "
+                "farmed: the policy is losing the task itself; hold it with algo.perception_anchor (a KL to the start "
+                "policy on perception prompts) or a smaller optim.lr."
+            )
+        return said + (
+            "A partial-credit reward (ocr_similarity, iou, partial counting) pays for "
             f"exactly this when the task is beyond the policy; give {task} its exact verdict "
             f"(rewards.routing.{task}: [answer_match, format]) or hold it with algo.perception_anchor."
         )

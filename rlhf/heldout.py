@@ -24,6 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from rich.markup import escape
+
 from vlrl.errors import RecipeError
 
 CURVE_FILE = "curve.jsonl"
@@ -94,7 +96,7 @@ class HeldoutCurve:
             split_path(data_dir, self.spec.split), limit=limit, on_bad_image=getattr(ctx.config, "on_bad_image", "error")
         )
         if skipped:
-            ctx.console.print(f"[yellow]held-out curve:[/] {len(skipped)} record(s) skipped for unreadable images: {', '.join(skipped[:5])}")
+            ctx.console.print(f"[yellow]held-out curve:[/] {len(skipped)} record(s) skipped for unreadable images: {escape(', '.join(skipped[:5]))}", highlight=False)
         self.points: list[CurvePoint] = []
         self.due: list[int] = []
         self.tmp = ctx.dir / "heldout_policy"

@@ -22,6 +22,7 @@ and docs/rl-algorithms.md (the math); the loop itself is synchronous and on-poli
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import shutil
@@ -33,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from rlhf import algos as A
@@ -47,6 +49,7 @@ from rlhf.health import (
     answer_key,
     first_step_key,
     length_is_penalised,
+    route_fns,
     top_share,
 )
 from sft.state import rng_state, set_rng_state
@@ -124,7 +127,7 @@ class Controller:
         self.processor = load_processor(start_path)
         self.length_warning = self._check_length_budget()
         if self.length_warning:
-            ctx.console.print(f"[yellow]warning:[/] {self.length_warning}", highlight=False)
+            ctx.console.print(f"[yellow]warning:[/] {escape(self.length_warning)}", highlight=False)
         suppress = input_only_ids(self.processor) if cfg.rollout.suppress_input_tokens else ()
         self.started_ray = start_ray(cfg.ray) if cfg.placement != "inline" else False
         try:
@@ -543,7 +546,8 @@ def run_stage(ctx) -> dict:
         watch = TruncationWatch(
             masked=cfg.algo.mask_truncated, penalised=length_is_penalised(cfg.reward_terms, cfg.rewards), max_tokens=cfg.rollout.max_tokens
         )
-        collapse, step_collapse, failing = AnswerCollapseWatch(), FirstStepCollapseWatch(), RewardFailureWatch()
+        collapse = AnswerCollapseWatch(route=functools.partial(route_fns, cfg.rewards))
+        step_collapse, failing = FirstStepCollapseWatch(), RewardFailureWatch()
         with _progress(ctx.console) as progress:
             task = progress.add_task("rl", total=cfg.steps, completed=ctl.start, reward=math.nan, tps=0.0)
             if curve is not None and curve.wants(ctl.start):
@@ -559,7 +563,7 @@ def run_stage(ctx) -> dict:
                 ]
                 for warning in filter(None, found):
                     warnings.append(warning)
-                    progress.console.print(f"[yellow]warning:[/] {warning}")
+                    progress.console.print(f"[yellow]warning:[/] {escape(warning)}", highlight=False)
                 progress.update(task, completed=s + 1, reward=last.get("reward/total/mean", math.nan), tps=last["perf/rollout_tokens_per_s"])
                 if curve is not None and curve.wants(s + 1):
                     progress.console.print(describe_point(curve.take(s + 1, ctl.trainer.save_pretrained, ctl.tracker)))

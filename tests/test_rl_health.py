@@ -17,6 +17,7 @@ from rlhf.health import (
     answer_key,
     first_step_key,
     length_is_penalised,
+    route_fns,
     top_share,
 )
 from rollout.store import RolloutStore
@@ -101,6 +102,25 @@ def test_collapse_warns_once_when_one_answer_takes_over_a_task_whose_references_
     assert "no reference answer of those prompts covers more than 12%" in out[0]
     assert "rewards.routing.read_word: [answer_match, format]" in out[0] and "perception_anchor" in out[0]
     assert w.update(3, {"read_word": _pairs(["blue"] * 8, refs)}) == []  # said once per task
+
+
+def test_collapse_under_the_exact_verdict_points_at_the_anchor_not_the_routing():
+    """Without the anchor, read_word went to one answer under answer_match too (the tiny
+    recipe's hybrid ablation, docs/rl-stage.md): telling that run to route read_word to
+    answer_match, which it already did, sends the user nowhere."""
+    exact = {"workers": 0, "routing": {}, "default_route": ["answer_match", "format"]}
+    partial = {"workers": 0}  # the built-in routing: read_word on ocr_similarity
+    assert route_fns(exact, "read_word") == ["answer_match", "format"]
+    assert route_fns(partial, "read_word") == ["ocr_similarity", "format"]
+    assert route_fns({"components": {"acc": {"fn": "answer_match"}}, "always": ["acc"]}, "bbox") == ["answer_match", "answer_match"]
+    refs = [f"word{i}" for i in range(8)]
+    said = {}
+    for name, rewards in (("exact", exact), ("partial", partial)):
+        w = AnswerCollapseWatch(window=1, min_responses=8, route=functools.partial(route_fns, rewards))
+        (said[name],) = w.update(1, {"read_word": _pairs(["green"] * 8, refs)})
+    assert "already scored by the eval's exact verdict (answer_match)" in said["exact"]
+    assert "rewards.routing" not in said["exact"] and "perception_anchor" in said["exact"]
+    assert "rewards.routing.read_word: [answer_match, format]" in said["partial"] and "already scored" not in said["partial"]
 
 
 def test_collapse_is_quiet_where_the_references_are_as_concentrated():
@@ -218,10 +238,12 @@ def test_a_stage_logs_each_tasks_top_answer_share_as_its_rollouts_show_it(start,
          "rl step 1: 100% of the arith responses of the last 1 steps begin with '6 + 2 = 8'"),
     ],
 )
-def test_a_stage_reports_a_collapse_in_its_summary(start, tmp_path, monkeypatch, pairs_method, watch, collapsed, said):
+def test_a_stage_reports_a_collapse_in_its_summary(start, tmp_path, monkeypatch, capsys, pairs_method, watch, collapsed, said):
     """Each collapse watch's warning reaches the console and DONE.json, once, like the
-    truncation one. The stage's own pairs are replaced by a collapsed set (the micro model is
-    too small to collapse in two steps); the pairs' computation is checked by the test above."""
+    truncation one, and the console shows it whole: rich read the advice's
+    "[answer_match, format]" as markup and printed "rewards.routing.read_word: )". The
+    stage's own pairs are replaced by a collapsed set (the micro model is too small to
+    collapse in two steps); the pairs' computation is checked by the test above."""
     import rlhf.stage
 
     monkeypatch.setattr(rlhf.stage.Controller, pairs_method, lambda self, groups: collapsed)
@@ -231,6 +253,10 @@ def test_a_stage_reports_a_collapse_in_its_summary(start, tmp_path, monkeypatch,
     warnings = json.loads((out / "DONE.json").read_text())["summary"]["warnings"]
     collapses = [w for w in warnings if " responses of the last " in w]
     assert len(collapses) == 1 and collapses[0].startswith(said)
+    if watch is AnswerCollapseWatch:  # the micro recipe keeps the built-in routing: read_word on ocr_similarity
+        assert "rewards.routing.read_word: [answer_match, format]" in collapses[0]
+    shown = " ".join(capsys.readouterr().out.split())  # the console wraps long lines
+    assert " ".join(collapses[0].split()) in shown
 
 
 def test_a_failing_reward_component_is_named_once_with_its_cause_and_share():

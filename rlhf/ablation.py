@@ -28,9 +28,11 @@ from vlrl.errors import RecipeError
 
 # term -> how to take it out of a raw rl stage mapping
 TERMS = ("anchor", "visual", "diversity", "concise")
+PAIRED = ("reasoning", "perception")  # families whose change is paired record by record against the start and plain
 COLUMNS = [
-    "variant", "reasoning_acc", "perception_acc", "eval_acc", "visual_dependency", "distinct_2", "single_pattern_frac",
-    "response_length", "reward", "train_seconds",
+    "variant", "reasoning_acc", "perception_acc", "eval_acc",
+    *(f"{fam}_vs_{base}" for base in ("start", "plain") for fam in PAIRED),
+    "visual_dependency", "distinct_2", "single_pattern_frac", "response_length", "reward", "train_seconds",
 ]
 PLOTS = {  # metric -> plot title
     "acc/all": "train accuracy",
@@ -170,6 +172,8 @@ def run_ablation(
         data = stage_output(recipe, spec.data, base) if spec.data in recipe.stages else Path(spec.data)
         top["eval"] = {**spec.model_dump(exclude_none=True), "data": str(Path(data).resolve())}
         rl_raw.pop("eval", None)
+    start = recipe.stages[name].from_
+    start_dir = base / start if isinstance(start, str) and start in recipe.stages else None
     out_rows, series = [], {}
     for vname, vstage in variants(rl_raw, only).items():
         console.rule(f"[bold]ablation variant {vname}[/]")
@@ -177,9 +181,31 @@ def run_ablation(
         vraw = {**top, "name": f"{recipe.name}-ablation-{vname}", "run_dir": str(vdir), "stages": {"rl": vstage}}
         run_recipe(validate_recipe(vraw, f"{path} (ablation variant {vname})"), console=console)
         row, curves = summarize_variant(vname, vdir / "rl")
+        if start_dir is not None:
+            row.update(paired_cells(start_dir, vdir / "rl", "start"))
+        if vname != "plain":
+            row.update(paired_cells(base / "ablation" / "plain" / "rl", vdir / "rl", "plain"))
         out_rows.append(row)
         series[vname] = curves
     return write_outputs(base, f"{recipe.name}: hybrid RL ablation ({name}, {rl_raw['steps']} steps)", out_rows, series)
+
+
+def paired_cells(base_dir: Path, new_dir: Path, base_name: str) -> dict[str, str]:
+    """`<family>_vs_<base_name>`: the new eval's accuracy minus the base's, in points, with
+    its 95% interval, paired record by record ("+2.3 [-0.4, +5.0]"): between variants of
+    one budget a few points are noise at 1,500 records, and the table should say which
+    differences are not. Empty when either eval is missing or they scored other records."""
+    from vlrl.eval_diff import diff_reports, load_report
+    from vlrl.errors import VlrlError
+
+    try:
+        rows = diff_reports(load_report(base_dir), load_report(new_dir))
+    except VlrlError:
+        return {}
+    return {
+        f"{r.group}_vs_{base_name}": f"{100 * r.delta:+.1f} [{100 * r.ci_low:+.1f}, {100 * r.ci_high:+.1f}]"
+        for r in rows if r.group in PAIRED
+    }
 
 
 def _mean(xs: list[float]) -> float | None:

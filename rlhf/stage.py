@@ -44,6 +44,7 @@ from rlhf.heldout import HeldoutCurve, curve_summary, curve_table, describe_poin
 from rlhf.health import (
     AnswerCollapseWatch,
     FirstStepCollapseWatch,
+    ModeLengthWatch,
     RewardFailureWatch,
     TruncationWatch,
     answer_key,
@@ -548,6 +549,7 @@ def run_stage(ctx) -> dict:
         )
         collapse = AnswerCollapseWatch(route=functools.partial(route_fns, cfg.rewards))
         step_collapse, failing = FirstStepCollapseWatch(), RewardFailureWatch()
+        modes = ModeLengthWatch({m.name: m.max_tokens for m in cfg.rollout.modes})
         with _progress(ctx.console) as progress:
             task = progress.add_task("rl", total=cfg.steps, completed=ctl.start, reward=math.nan, tps=0.0)
             if curve is not None and curve.wants(ctl.start):
@@ -560,6 +562,7 @@ def run_stage(ctx) -> dict:
                     *collapse.update(s + 1, ctl.last_answers),
                     *step_collapse.update(s + 1, ctl.last_first_steps),
                     *failing.update(s + 1, ctl.last_failures),
+                    modes.update(s + 1, last),
                 ]
                 for warning in filter(None, found):
                     warnings.append(warning)

@@ -12,6 +12,7 @@ import pytest
 from rlhf.health import (
     AnswerCollapseWatch,
     FirstStepCollapseWatch,
+    ModeLengthWatch,
     RewardFailureWatch,
     TruncationWatch,
     answer_key,
@@ -283,3 +284,50 @@ def test_a_stage_whose_reward_plugin_fails_says_so_and_finishes(start, tmp_path,
     failed = [w for w in warnings if "reward component" in w]
     assert len(failed) == 1 and failed[0].startswith("rl step 1: reward component 'mine' failed on 16 of 16 samples")
     assert "ValueError: boom in my plugin" in failed[0] and "reward component 'mine'" in capsys.readouterr().out
+
+
+def _mode_step(short: float | None, long: float | None) -> dict[str, float]:
+    m = {"mode/short/frac": 0.5, "mode/long/frac": 0.5}
+    m.update({k: v for k, v in (("mode/short/length_mean", short), ("mode/long/length_mean", long)) if v is not None})
+    return m
+
+
+def test_mode_watch_warns_when_the_short_mode_is_as_long_as_the_long_one():
+    """The tiny hybrid ablation's modes: 15.1 tokens in both for 150 steps (the suffixes were
+    never in SFT), and the RL on those prompts cost 5 points of reasoning."""
+    w = ModeLengthWatch({"long": 64, "short": 32}, window=3)
+    assert [w.update(s, _mode_step(15.0, 16.0)) for s in (1, 2)] == [None, None]  # window not full yet
+    assert w.update(3, _mode_step(None, 16.0)) is None  # a step without short prompts does not count
+    said = w.update(4, _mode_step(15.3, 15.2))
+    assert said.startswith("rl step 4: over the last 3 steps, responses in mode 'short' (cap 32) average 15.1 tokens")
+    assert "mode 'long' (cap 64) 15.7" in said and "drop rollout.modes" in said
+    assert w.update(5, _mode_step(15.0, 15.0)) is None  # said once
+
+
+@pytest.mark.parametrize("modes, steps", [
+    ({"short": 32, "long": 64}, [(8.0, 20.0)] * 5),  # the policy follows them: short answers are shorter
+    ({"short": 32, "long": 64}, [(17.9, 20.0)] * 5),  # just under 0.9 of the long mode's length
+    ({"only": 32}, [(15.0, 15.0)] * 5),  # one mode: nothing to compare
+    ({"a": 32, "b": 32}, [(15.0, 15.0)] * 5),  # equal caps: no short and long
+])
+def test_mode_watch_is_quiet_when_the_modes_differ_or_cannot_be_compared(modes, steps):
+    w = ModeLengthWatch(modes, window=3)
+    names = sorted(modes, key=modes.get)
+    for i, (a, b) in enumerate(steps):
+        assert w.update(i + 1, {f"mode/{names[0]}/length_mean": a, f"mode/{names[-1]}/length_mean": b}) is None
+    with pytest.raises(ValueError):
+        ModeLengthWatch(modes, ratio=0.0)
+
+
+def test_a_stage_with_modes_reports_the_mode_warning(start, tmp_path, monkeypatch):
+    """The stage feeds each step's metrics to the watch and keeps its warning (a lax ratio:
+    the micro model's two modes are not about the cap it sees)."""
+    import rlhf.stage
+
+    monkeypatch.setattr(rlhf.stage, "ModeLengthWatch", functools.partial(ModeLengthWatch, window=2, ratio=0.01))
+    data, ckpt = start
+    modes = [{"name": "short", "suffix": "Answer briefly.", "max_tokens": 4}, {"name": "long", "suffix": "Think step by step.", "max_tokens": 16}]
+    out = _run(rl_recipe(tmp_path / "modes", data, ckpt, steps=3, rollout={"modes": modes, "prompts_per_step": 8}))
+    warnings = json.loads((out / "DONE.json").read_text())["summary"]["warnings"]
+    said = [w for w in warnings if "does not follow the modes' suffixes" in w]
+    assert len(said) == 1 and "mode 'short' (cap 4)" in said[0] and "mode 'long' (cap 16)" in said[0]

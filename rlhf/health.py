@@ -222,6 +222,7 @@ class ModeLengthWatch:
     ratio: float = 0.9
     _recent: deque = field(default_factory=deque, repr=False)  # (short length, long length) per step
     warned: bool = False
+    pair: tuple | None = field(default=None, init=False, repr=False)  # ((short name, cap), (long name, cap)); None: nothing to compare
 
     def __post_init__(self) -> None:
         if self.window < 1 or not 0.0 < self.ratio <= 1.0:

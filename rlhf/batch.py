@@ -124,18 +124,22 @@ def _with_pixels(b: PolicyBatch) -> PolicyBatch:
 
 
 def response_tensors(completions: Sequence[Completion], pad: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """-> response ids (B, R), mask (B, R) float, sampler logprobs (B, R) or None."""
+    """-> response ids (B, R), mask (B, R) float, sampler logprobs (B, R) or None.
+
+    Sampler logprobs are None when no completion has them; a completion that was not
+    sampled (a guidance reference, rlhf/guidance.py) among sampled ones gets NaN, which
+    the mismatch metrics skip."""
     width = max(1, max(len(c.token_ids) for c in completions))
     ids = torch.full((len(completions), width), pad, dtype=torch.long)
     mask = torch.zeros((len(completions), width), dtype=torch.float32)
-    have_lp = all(c.logprobs is not None for c in completions)
+    have_lp = any(c.logprobs is not None for c in completions)
     lp = torch.zeros((len(completions), width), dtype=torch.float32) if have_lp else None
     for i, c in enumerate(completions):
         n = len(c.token_ids)
         ids[i, :n] = torch.tensor(c.token_ids, dtype=torch.long)
         mask[i, :n] = 1.0
         if lp is not None:
-            lp[i, :n] = torch.tensor(c.logprobs, dtype=torch.float32)
+            lp[i, :n] = torch.tensor(c.logprobs, dtype=torch.float32) if c.logprobs is not None else float("nan")
     return ids, mask, lp
 
 

@@ -24,9 +24,10 @@ def mismatch_metrics(
     response_mask: torch.Tensor,  # (B, T)
 ) -> dict[str, float]:
     """How far the sampler's logprobs are from the trainer's (glossary: docs/rl-algorithms.md)."""
-    m = response_mask.bool()
+    m = response_mask.bool() & torch.isfinite(rollout_logprobs)  # NaN: a row nobody sampled (rlhf/guidance.py)
     if not bool(m.any()):
         return {}
+    rollout_logprobs = torch.nan_to_num(rollout_logprobs.float(), nan=0.0)
     d = (old_logprobs - rollout_logprobs).float()[m]  # (N,) log(pi_train / pi_rollout) per token
     k3 = torch.exp(d.clamp(-20, 20)) - d - 1.0  # estimates KL(rollout || train) from rollout samples
     out = {
@@ -40,7 +41,8 @@ def mismatch_metrics(
         ),
     }
     # verl's diagnostics (perplexities, chi-square) under its own names.
-    for k, v in rch.compute_offpolicy_metrics(old_logprobs.float(), rollout_logprobs.float(), response_mask.float()).items():
+    rows = m.any(-1)  # verl averages per sequence: an unsampled row must not count as an empty one
+    for k, v in rch.compute_offpolicy_metrics(old_logprobs.float()[rows], rollout_logprobs[rows], m[rows].float()).items():
         out[f"rollout_corr/{k}"] = float(v)
     return out
 

@@ -75,6 +75,14 @@ class Group:
     results: list[Any]  # rewards.stack.RewardResult per completion
     kept: bool = True  # dynamic sampling kept it for the update
     mode: str | None = None  # reasoning mode of the prompt (rlhf/modes.py), None without modes
+    guide: Completion | None = None  # the record's reference solution, trained on with the samples (rlhf/guidance.py)
+    guide_result: Any = None
+
+    @property
+    def trained(self) -> list[tuple[Completion, Any]]:
+        """(completion, result) of every member the update sees: the samples, then the guide."""
+        out = list(zip(self.completions, self.results))
+        return out + [(self.guide, self.guide_result)] if self.guide is not None else out
 
 
 @dataclass
@@ -126,6 +134,10 @@ class Controller:
             ctx.console.print(f"[yellow]resuming[/] rl at step {self.start} (prompt cursor {self.cursor})")
         self.version = self.start  # policy version of the trainer's weights (= completed steps)
         self.processor = load_processor(start_path)
+        if cfg.algo.guidance.enabled:
+            from rlhf.guidance import end_of_turn_id
+
+            self.end_of_turn = end_of_turn_id(self.processor)
         self.length_warning = self._check_length_budget()
         if self.length_warning:
             ctx.console.print(f"[yellow]warning:[/] {escape(self.length_warning)}", highlight=False)
@@ -222,19 +234,19 @@ class Controller:
             with timer("sync"):
                 self.pool.sleep()  # the engines' device memory goes to the trainer until the sync
         kept = [g for g in groups if g.kept]
-        rows = [(g, j) for g in kept for j in range(len(g.completions))]
+        rows = [(g, j) for g in kept for j in range(len(g.trained))]
         with timer("prepare"):
             batch = build_policy_batch(
-                [g.request for g in kept], [k for k, g in enumerate(kept) for _ in g.completions], [c for g in kept for c in g.completions], self.processor
+                [g.request for g in kept], [k for k, g in enumerate(kept) for _ in g.trained], [c for g in kept for c, _ in g.trained], self.processor
             )
-            scores = torch.tensor([g.results[j].total for g, j in rows], dtype=torch.float32)  # (B,)
+            scores = torch.tensor([g.trained[j][1].total for g, j in rows], dtype=torch.float32)  # (B,)
         hybrid: dict[str, float] = {}
         if cfg.algo.visual.enabled:
             with timer("visual"):
                 scores, hybrid = self._visual(batch, rows, scores)
         with timer("prepare"):
             token_rewards = A.outcome_to_token_rewards(scores, batch.response_mask)  # before truncation masking
-            mask, trunc = A.mask_truncated(batch.response_mask, [g.completions[j].finish_reason for g, j in rows], cfg.algo.mask_truncated)
+            mask, trunc = A.mask_truncated(batch.response_mask, [g.trained[j][0].finish_reason for g, j in rows], cfg.algo.mask_truncated)
             batch.response_mask = mask
             adv, _, adv_metrics = A.compute_advantages(
                 token_rewards, mask, [g.gid for g, _ in rows], cfg.algo.advantage, reward_components=self._components(rows)
@@ -285,7 +297,7 @@ class Controller:
         has_image = torch.tensor([bool(g.request.images) for g, _ in rows])
         bonus = None
         if vc.coef > 0:
-            correct = torch.tensor([bool(g.results[j].correct) for g, j in rows]) if vc.correct_only else None
+            correct = torch.tensor([bool(g.trained[j][1].correct) for g, j in rows]) if vc.correct_only else None
             bonus = visual_bonus(dep, vc.coef, vc.cap, correct, seq_ent, vc.min_entropy) * has_image
             scores = scores + bonus
         return scores, dependency_metrics(dep, has_image, bonus, vc.cap)
@@ -303,10 +315,12 @@ class Controller:
             groups = self._generate(s, r, timer)
             with timer("reward"):
                 self._score(groups)
+                if cfg.algo.guidance.enabled:
+                    self._guide(groups)
             every += groups
             if not ds.enabled:
                 return every, 1, sampling
-            filt = A.filter_groups([g.gid for g in groups for _ in g.completions], [x.total for g in groups for x in g.results], ds.tolerance)
+            filt = A.filter_groups([g.gid for g in groups for _ in g.trained], [x.total for g in groups for _, x in g.trained], ds.tolerance)
             for g in groups:
                 g.kept = g.gid in set(filt.kept_groups)
             for k, v in filt.metrics.items():
@@ -386,11 +400,35 @@ class Controller:
             g.results = results[k : k + len(g.completions)]
             k += len(g.completions)
 
+    def _guide(self, groups: list[Group]) -> None:
+        """Give each group that needs it the record's reference solution as one more
+        member, scored by the same reward stack (rlhf/guidance.py)."""
+        from rlhf.guidance import needs_guidance, reference_completion
+
+        when = self.cfg.algo.guidance.when
+        guided = []
+        for g in groups:
+            reference = self.dataset.records[g.record_index].target_text()
+            if not reference or not needs_guidance(g.results, when):
+                continue
+            c = g.completions[-1]
+            g.guide = reference_completion(
+                reference, tokenizer=self.processor.tokenizer, stop_id=self.end_of_turn, request_id=c.request_id,
+                sample_index=len(g.completions), prompt_tokens=c.prompt_tokens, policy_version=c.policy_version,
+            )
+            guided.append(Group(gid=g.gid, record_index=g.record_index, request=g.request, completions=[g.guide], results=[]))
+        if guided:
+            self._score(guided)
+        by_gid = {t.gid: t.results[0] for t in guided}
+        for g in groups:
+            if g.guide is not None:
+                g.guide_result = by_gid[g.gid]
+
     def _components(self, rows) -> dict[str, list[float]] | None:
         names = self.cfg.algo.advantage.gdpo_components
         if not names:
             return None
-        return {n: [float(g.results[j].components.get(n) or 0.0) for g, j in rows] for n in names}
+        return {n: [float(g.trained[j][1].components.get(n) or 0.0) for g, j in rows] for n in names}
 
     # -- outputs --------------------------------------------------------------------
     def _rows(self, s: int, groups: list[Group], adv: torch.Tensor, mask: torch.Tensor) -> list[RolloutRow]:
@@ -400,7 +438,7 @@ class Controller:
         for g in groups:
             rec = self.dataset.records[g.record_index]
             images = [os.path.relpath(self.data_file.parent / p, base) for p in rec.images if isinstance(p, str)]
-            for c, res in zip(g.completions, g.results):
+            for c, res in g.trained:
                 a = None
                 if g.kept:
                     a, b = seq_adv[b], b + 1
@@ -413,7 +451,7 @@ class Controller:
                         status=RolloutStatus.truncated if c.finish_reason == "length" else RolloutStatus.ok,
                         error="; ".join(f"{k}: {v}" for k, v in res.failures.items())[:400] or None,
                         components=comps, total_reward=res.total if math.isfinite(res.total) else 0.0, advantage=a,
-                        meta={"correct": res.correct, "kept": g.kept},
+                        meta={"correct": res.correct, "kept": g.kept, **({"guided": True} if c is g.guide else {})},
                     )
                 )
         return out
@@ -480,6 +518,12 @@ class Controller:
                 [md.name for md in self.cfg.rollout.modes], [p[0] for p in per], [len(p[1].token_ids) for p in per],
                 [p[2].correct for p in per], [p[1].finish_reason == "stop" for p in per],
             ))
+        if self.cfg.algo.guidance.enabled:
+            guided = [g for g in groups if g.guide is not None]
+            m["guidance/groups"] = float(len(guided))
+            m["guidance/kept_groups"] = float(sum(g.kept for g in guided))
+            if guided:
+                m["guidance/reference_correct"] = sum(bool(g.guide_result.correct) for g in guided) / len(guided)
         m.update(adv_metrics)
         m.update(extra)
         m.update(train)

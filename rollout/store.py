@@ -474,10 +474,12 @@ class RolloutStore:
     def correct_share_by_step(self) -> dict[int, float]:
         """Per step, the share of rows whose `meta["correct"]` is true among rows that carry
         a verdict (the RL stage stores the reward stack's verdict there); steps without any
-        verdict are absent. A scan of the meta column: for curves, not for listings."""
+        verdict are absent. Reference solutions that guidance added (`meta["guided"]`) are
+        not the policy's and do not count. A scan of the meta column: for curves, not for
+        listings."""
         sql = """
             SELECT step, AVG(CASE WHEN json_extract(meta, '$.correct') THEN 1.0 ELSE 0.0 END)
-            FROM rollouts WHERE json_type(meta, '$.correct') IN ('true', 'false')
+            FROM rollouts WHERE json_type(meta, '$.correct') IN ('true', 'false') AND json_extract(meta, '$.guided') IS NULL
             GROUP BY step ORDER BY step
         """
         with self._lock:

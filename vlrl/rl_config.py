@@ -215,6 +215,15 @@ class VisualConfig(_Strict):
         return self.coef > 0 or self.metric
 
 
+class GuidanceConfig(_Strict):
+    """Off-policy guidance (LUFFY, Yan et al. 2025): a group in which no sample is right
+    gets the record's reference solution as one more member, so the group carries a
+    signal (the reference up, the wrong samples down) where GRPO alone has none."""
+
+    enabled: bool = False
+    when: Literal["all_wrong", "always"] = Field("all_wrong", description="which groups get the reference: those with no right sample, or every group")
+
+
 class RLAlgoConfig(_Strict):
     """Everything about the RL update that is not the model, the data or the rewards."""
 
@@ -226,11 +235,21 @@ class RLAlgoConfig(_Strict):
     perception_anchor: PerceptionAnchorConfig = PerceptionAnchorConfig()
     visual: VisualConfig = VisualConfig()
     dynamic_sampling: DynamicSamplingConfig = DynamicSamplingConfig()
+    guidance: GuidanceConfig = GuidanceConfig()
     mask_truncated: bool = Field(False, description="zero the loss of responses cut at the length limit (DAPO overlong filtering)")
     epochs: int = Field(1, ge=1, description="passes over each step's batch")
     mini_batch_size: int | None = Field(None, ge=1, description="samples per optimizer step; null = the whole batch")
     shuffle: bool = Field(True, description="reshuffle samples before each epoch")
     seed: int = 0
+
+    @model_validator(mode="after")
+    def _guidance_without_correction(self) -> "RLAlgoConfig":
+        if self.guidance.enabled and (self.mismatch.is_level is not None or self.mismatch.rejection is not None or self.loss.name == "bypass_mode"):
+            raise ValueError(
+                "algo.guidance cannot be combined with algo.mismatch.is_level / rejection or loss bypass_mode: a reference "
+                "solution has no sampling logprobs to correct against; turn one of them off"
+            )
+        return self
 
     @classmethod
     def dr_grpo(cls, max_response_tokens: int, **overrides) -> "RLAlgoConfig":

@@ -326,3 +326,27 @@ def test_polling_fetches_the_metrics_only_when_metrics_jsonl_grew(tmp_path, brow
             fh.write(json.dumps({"step": 2, "train/loss": 0.2}) + "\n")
         page.wait_for_event("request", lambda r: "/metrics" in r.url, timeout=10_000)  # the plots reload
         assert not errors, errors
+
+
+def test_a_reference_solution_added_by_guidance_is_labelled_as_one(tmp_path, browser):
+    import random
+
+    from rollout.server.demo import demo_rows
+    from rollout.store import RolloutStore
+
+    run = write_demo_run(tmp_path / "run", steps=1, groups=1, group_size=3)
+    rows = demo_rows(1, 1, 3, random.Random(0))
+    rows[-1].meta = {**rows[-1].meta, "guided": True}  # algo.guidance stores the reference as the last member
+    with RolloutStore.in_dir(run / "rl") as s:
+        s.append(rows)
+    with running(create_app(run)) as url:
+        page, errors = open_page(browser, url)
+        page.wait_for_function("document.querySelectorAll('#rows tbody tr').length === 6")
+        marks = page.eval_on_selector_all("#rows tbody tr", "trs => trs.map(t => t.cells[5].textContent)")
+        assert sorted(marks) == ["0", "0", "1", "1", "2", "2 reference"]
+        guided = page.locator("#rows tbody tr", has_text="2 reference")
+        guided.locator("a.group-link").click()
+        page.wait_for_selector("#group:not([hidden])")
+        titles = page.eval_on_selector_all("#group-samples .sample-card h4 > span:first-child", "hs => hs.map(h => h.textContent)")
+        assert titles == ["#0", "#1", "#2 reference"]
+        assert not errors, errors

@@ -177,17 +177,22 @@ def run_ablation(
     out_rows, series = [], {}
     for vname, vstage in variants(rl_raw, only).items():
         console.rule(f"[bold]ablation variant {vname}[/]")
-        vdir = base / "ablation" / vname
+        vdir = variant_dir(base, vname)
         vraw = {**top, "name": f"{recipe.name}-ablation-{vname}", "run_dir": str(vdir), "stages": {"rl": vstage}}
         run_recipe(validate_recipe(vraw, f"{path} (ablation variant {vname})"), console=console)
         row, curves = summarize_variant(vname, vdir / "rl")
         if start_dir is not None:
             row.update(paired_cells(start_dir, vdir / "rl", "start"))
         if vname != "plain":
-            row.update(paired_cells(base / "ablation" / "plain" / "rl", vdir / "rl", "plain"))
+            row.update(paired_cells(variant_dir(base, "plain") / "rl", vdir / "rl", "plain"))
         out_rows.append(row)
         series[vname] = curves
     return write_outputs(base, f"{recipe.name}: hybrid RL ablation ({name}, {rl_raw['steps']} steps)", out_rows, series)
+
+
+def variant_dir(base: Path, variant: str) -> Path:
+    """Where a variant's run of the ablation lives under the recipe's run dir."""
+    return base / "ablation" / variant
 
 
 def paired_cells(base_dir: Path, new_dir: Path, base_name: str) -> dict[str, str]:

@@ -20,6 +20,7 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 from rollout.engine import Completion
+from vlrl.model import stops
 
 
 def needs_guidance(results: Sequence[Any], when: str) -> bool:
@@ -58,12 +59,8 @@ def reference_completion(
 
 
 def end_of_turn_id(processor) -> int:
-    """The token a chat response ends with: `<|im_end|>` when the tokenizer has it, else
-    its eos (vlrl/model/stops.py lists both among the sampler's stop tokens)."""
-    tok = processor.tokenizer
-    im_end = tok.convert_tokens_to_ids("<|im_end|>")
-    if isinstance(im_end, int) and im_end != tok.unk_token_id:
-        return im_end
-    if tok.eos_token_id is None:
+    """The token a reference solution ends with, as a sample stopping at it would."""
+    got = stops.end_of_turn_id(processor)
+    if got is None:
         raise ValueError("algo.guidance: the tokenizer has neither <|im_end|> nor an eos token to end a reference solution with")
-    return int(tok.eos_token_id)
+    return int(got)

@@ -234,22 +234,22 @@ class Controller:
             with timer("sync"):
                 self.pool.sleep()  # the engines' device memory goes to the trainer until the sync
         kept = [g for g in groups if g.kept]
-        rows = [(g, j) for g in kept for j in range(len(g.trained))]
+        rows = [(g, c, res) for g in kept for c, res in g.trained]  # (B,) the samples of each kept group, then its guide
         with timer("prepare"):
             batch = build_policy_batch(
-                [g.request for g in kept], [k for k, g in enumerate(kept) for _ in g.trained], [c for g in kept for c, _ in g.trained], self.processor
+                [g.request for g in kept], [k for k, g in enumerate(kept) for _ in g.trained], [c for _, c, _ in rows], self.processor
             )
-            scores = torch.tensor([g.trained[j][1].total for g, j in rows], dtype=torch.float32)  # (B,)
+            scores = torch.tensor([res.total for _, _, res in rows], dtype=torch.float32)  # (B,)
         hybrid: dict[str, float] = {}
         if cfg.algo.visual.enabled:
             with timer("visual"):
                 scores, hybrid = self._visual(batch, rows, scores)
         with timer("prepare"):
             token_rewards = A.outcome_to_token_rewards(scores, batch.response_mask)  # before truncation masking
-            mask, trunc = A.mask_truncated(batch.response_mask, [g.trained[j][0].finish_reason for g, j in rows], cfg.algo.mask_truncated)
+            mask, trunc = A.mask_truncated(batch.response_mask, [c.finish_reason for _, c, _ in rows], cfg.algo.mask_truncated)
             batch.response_mask = mask
             adv, _, adv_metrics = A.compute_advantages(
-                token_rewards, mask, [g.gid for g, _ in rows], cfg.algo.advantage, reward_components=self._components(rows)
+                token_rewards, mask, [g.gid for g, _, _ in rows], cfg.algo.advantage, reward_components=self._components(rows)
             )
         ref = None
         if self.reference is not None:
@@ -259,7 +259,7 @@ class Controller:
         if cfg.algo.perception_anchor.kl_coef > 0:
             from rlhf.perception import anchor_rows
 
-            perception = anchor_rows([self.dataset.records[g.record_index].family for g, _ in rows])  # (B,)
+            perception = anchor_rows([self.dataset.records[g.record_index].family for g, _, _ in rows])  # (B,)
         anchored = perception is not None and bool(perception.any())
         learn = A.has_learning_signal(adv, mask) or self.kl_coef > 0 or cfg.algo.entropy.coef > 0 or anchored
         train = {"actor/skipped": 0.0 if learn else 1.0}
@@ -294,10 +294,10 @@ class Controller:
         mask = batch.response_mask
         dep = sequence_dependency(real, masked, mask, vc.per)  # (B,)
         seq_ent = (ent * mask).sum(-1) / mask.sum(-1).clamp(min=1)  # (B,) mean token entropy
-        has_image = torch.tensor([bool(g.request.images) for g, _ in rows])
+        has_image = torch.tensor([bool(g.request.images) for g, _, _ in rows])
         bonus = None
         if vc.coef > 0:
-            correct = torch.tensor([bool(g.trained[j][1].correct) for g, j in rows]) if vc.correct_only else None
+            correct = torch.tensor([bool(res.correct) for _, _, res in rows]) if vc.correct_only else None
             bonus = visual_bonus(dep, vc.coef, vc.cap, correct, seq_ent, vc.min_entropy) * has_image
             scores = scores + bonus
         return scores, dependency_metrics(dep, has_image, bonus, vc.cap)
@@ -416,19 +416,18 @@ class Controller:
                 reference, tokenizer=self.processor.tokenizer, stop_id=self.end_of_turn, request_id=c.request_id,
                 sample_index=len(g.completions), prompt_tokens=c.prompt_tokens, policy_version=c.policy_version,
             )
-            guided.append(Group(gid=g.gid, record_index=g.record_index, request=g.request, completions=[g.guide], results=[]))
-        if guided:
-            self._score(guided)
-        by_gid = {t.gid: t.results[0] for t in guided}
-        for g in groups:
-            if g.guide is not None:
-                g.guide_result = by_gid[g.gid]
+            guided.append(g)
+        alone = [Group(gid=g.gid, record_index=g.record_index, request=g.request, completions=[g.guide], results=[]) for g in guided]
+        if alone:
+            self._score(alone)  # the stack scores whole groups: the reference as a group of its own
+        for g, a in zip(guided, alone):
+            g.guide_result = a.results[0]
 
     def _components(self, rows) -> dict[str, list[float]] | None:
         names = self.cfg.algo.advantage.gdpo_components
         if not names:
             return None
-        return {n: [float(g.trained[j][1].components.get(n) or 0.0) for g, j in rows] for n in names}
+        return {n: [float(res.components.get(n) or 0.0) for _, _, res in rows] for n in names}
 
     # -- outputs --------------------------------------------------------------------
     def _rows(self, s: int, groups: list[Group], adv: torch.Tensor, mask: torch.Tensor) -> list[RolloutRow]:

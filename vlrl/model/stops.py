@@ -8,14 +8,23 @@ base model's eos.
 from __future__ import annotations
 
 
+def _im_end(tok) -> int | None:
+    im_end = tok.convert_tokens_to_ids("<|im_end|>")
+    return im_end if isinstance(im_end, int) and im_end != tok.unk_token_id else None
+
+
 def stop_token_ids(model, processor) -> tuple[int, ...]:
     """The generation config's end tokens, the tokenizer's eos and the chat end-of-turn token."""
     eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
     ids = set([eos] if isinstance(eos, int) else (eos or []))
     tok = processor.tokenizer
-    im_end = tok.convert_tokens_to_ids("<|im_end|>")
-    if isinstance(im_end, int) and im_end != tok.unk_token_id:
-        ids.add(im_end)
-    if tok.eos_token_id is not None:
-        ids.add(tok.eos_token_id)
+    ids |= {i for i in (_im_end(tok), tok.eos_token_id) if i is not None}
     return tuple(sorted(ids))
+
+
+def end_of_turn_id(processor) -> int | None:
+    """The one token a written response ends with (one of `stop_token_ids`): `<|im_end|>`
+    when the tokenizer has it, else its eos; None when it has neither."""
+    tok = processor.tokenizer
+    im_end = _im_end(tok)
+    return im_end if im_end is not None else tok.eos_token_id

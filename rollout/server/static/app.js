@@ -204,7 +204,7 @@ async function loadRows() {
         el("td", { class: "text" }, r.task),
         el("td", {}, r.difficulty),
         el("td", { class: "text" }, el("a", { class: "group-link", onclick: () => openGroup(r.group_id, r.step) }, r.group_id)),
-        el("td", { title: r.meta && r.meta.guided ? "the record's reference solution, added by guidance" : "" }, sampleLabel(r).slice(1)),
+        el("td", { title: r.meta && r.meta.guided ? "the record's reference solution, added by guidance" : "" }, `${r.sample_index}${guidedMark(r)}`),
         el("td", {}, fmt(r.total_reward)),
         el("td", {}, fmt(r.advantage)),
         el("td", {}, r.response_tokens),
@@ -220,8 +220,8 @@ async function loadRows() {
 // ------------------------------------------------------------------ group view
 
 // A stored row that the policy did not write (algo.guidance's reference solution) says so.
-function sampleLabel(r) {
-  return `#${r.sample_index}` + (r.meta && r.meta.guided ? " reference" : "");
+function guidedMark(r) {
+  return r.meta && r.meta.guided ? " reference" : "";
 }
 
 async function openGroup(groupId, step) {
@@ -240,9 +240,9 @@ async function openGroup(groupId, step) {
     .join("\n");
   $("#group-answer").textContent = g.answer ?? "—";
   $("#group-stats").textContent = `reward mean ${fmt(g.reward_mean)} · std ${fmt(g.reward_std)} · ${g.samples.length} responses` + (g.reward_std === 0 ? " · all equal: no learning signal" : "");
-  compareTable($("#group-components"), g.components, g.samples.map((s) => ({ label: sampleLabel(s), components: s.components, total: s.total_reward, advantage: s.advantage, length: s.response_tokens })));
+  compareTable($("#group-components"), g.components, g.samples.map((s) => ({ label: `#${s.sample_index}${guidedMark(s)}`, components: s.components, total: s.total_reward, advantage: s.advantage, length: s.response_tokens })));
   $("#group-samples").replaceChildren(
-    ...g.samples.map((s) => card(sampleLabel(s), s.response, s.components, [["total", s.total_reward], ["advantage", s.advantage], ["tokens", s.response_tokens], ["finish", s.finish_reason]])),
+    ...g.samples.map((s) => card(`#${s.sample_index}${guidedMark(s)}`, s.response, s.components, [["total", s.total_reward], ["advantage", s.advantage], ["tokens", s.response_tokens], ["finish", s.finish_reason]])),
   );
   $("#group").hidden = false;
   $("#group").scrollIntoView({ block: "start" });

@@ -251,16 +251,16 @@ class Controller:
             adv, _, adv_metrics = A.compute_advantages(
                 token_rewards, mask, [g.gid for g, _, _ in rows], cfg.algo.advantage, reward_components=self._components(rows)
             )
-        ref = None
-        if self.reference is not None:
-            with timer("reference"):
-                ref = self.reference.logprobs(batch)
         perception = None
         if cfg.algo.perception_anchor.kl_coef > 0:
             from rlhf.perception import anchor_rows
 
             perception = anchor_rows([self.dataset.records[g.record_index].family for g, _, _ in rows])  # (B,)
         anchored = perception is not None and bool(perception.any())
+        ref = None
+        if self.reference is not None:
+            with timer("reference"):
+                ref = self._reference_logprobs(batch, perception)
         learn = A.has_learning_signal(adv, mask) or self.kl_coef > 0 or cfg.algo.entropy.coef > 0 or anchored
         train = {"actor/skipped": 0.0 if learn else 1.0}
         if learn:
@@ -283,6 +283,19 @@ class Controller:
         metrics["time/step"] = time.perf_counter() - t0
         self.kl_coef = A.next_kl_coef(cfg.algo.kl, s + 1, self.kl_coef, train.get("actor/kl_loss"), batch.rows, cfg.steps)
         return metrics
+
+    def _reference_logprobs(self, batch, perception: torch.Tensor | None) -> torch.Tensor:
+        """(B, R) reference logprobs on the rows a loss term reads. With no KL term this step
+        the perception anchor is the only reader, and it reads perception rows only: the
+        reference forward skips the rest (their entries stay 0, read by nothing), which
+        is most of the batch and its longest rows."""
+        if self.kl_coef > 0 or perception is None:
+            return self.reference.logprobs(batch)
+        rows = perception.nonzero().flatten()
+        ref = torch.zeros(batch.rows, batch.response_width)
+        if len(rows):
+            ref[rows] = self.reference.logprobs(batch.select(rows))
+        return ref
 
     def _visual(self, batch, rows, scores: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
         """The implicit perception term (rlhf/perception.py): the dependency of each response

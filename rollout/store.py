@@ -130,6 +130,8 @@ COLUMNS = {
     "response_tokens": "r.response_tokens",
     "timestamp": "r.timestamp",
 }
+# A row the policy sampled, not a reference solution that guidance added (rlhf/guidance.py).
+_SAMPLED = "json_extract(meta, '$.guided') IS NULL"
 MAX_COMPONENTS = 200  # distinct component names one store indexes
 CACHE_MIB: float = 64  # SQLite page cache per connection
 
@@ -170,6 +172,7 @@ class StepSummary(BaseModel):
     length_mean: float
     truncated: int
     errors: int
+    guided: int = Field(0, description="reference solutions that guidance added this step: stored, but not in n or any mean above")
     components: dict[str, float] = Field(default_factory=dict, description="mean of each reward component")
     first_timestamp: float
     last_timestamp: float
@@ -430,13 +433,16 @@ class RolloutStore:
             return [s for (s,) in self._db.execute("SELECT DISTINCT step FROM rollouts ORDER BY step")]
 
     def step_summaries(self, steps: Iterable[int] | None = None) -> list[StepSummary]:
-        """Per-step totals and means (rewards, advantage, length, truncations, components)."""
+        """Per-step totals and means (rewards, advantage, length, truncations, components)
+        of what the policy sampled: reference solutions that guidance added
+        (`meta["guided"]`) are counted apart, since a step's reward and length curves are
+        about the policy (a reference in every group would lift both by itself)."""
         cond, params = "", ()
         if steps is not None:
             wanted = sorted(set(int(s) for s in steps))
             if not wanted:
                 return []
-            cond, params = f"WHERE step IN ({', '.join('?' * len(wanted))})", tuple(wanted)
+            cond, params = f"AND step IN ({', '.join('?' * len(wanted))})", tuple(wanted)
         with self._lock, self._tx():
             cols = self._component_columns()
             names = sorted(cols)
@@ -445,9 +451,10 @@ class RolloutStore:
                 SELECT step, COUNT(*), COUNT(DISTINCT group_id), MIN(policy_version), MAX(policy_version),
                        AVG(total_reward), MIN(total_reward), MAX(total_reward), AVG(advantage), AVG(response_tokens),
                        SUM(status = 'truncated'), SUM(status = 'error'), MIN(timestamp), MAX(timestamp){comp_avgs}
-                FROM rollouts {cond} GROUP BY step ORDER BY step
+                FROM rollouts WHERE {_SAMPLED} {cond} GROUP BY step ORDER BY step
             """
             base = self._db.execute(sql, params).fetchall()
+            guided = dict(self._db.execute(f"SELECT step, COUNT(*) FROM rollouts WHERE NOT {_SAMPLED} {cond} GROUP BY step", params))
         out = []
         for s, n, ng, vmin, vmax, rm, rlo, rhi, am, lm, tr, er, t0, t1, *means in base:
             out.append(
@@ -464,6 +471,7 @@ class RolloutStore:
                     length_mean=lm,
                     truncated=int(tr or 0),
                     errors=int(er or 0),
+                    guided=int(guided.get(s, 0)),
                     components={name: m for name, m in zip(names, means) if m is not None},
                     first_timestamp=t0,
                     last_timestamp=t1,
@@ -477,9 +485,9 @@ class RolloutStore:
         verdict are absent. Reference solutions that guidance added (`meta["guided"]`) are
         not the policy's and do not count. A scan of the meta column: for curves, not for
         listings."""
-        sql = """
+        sql = f"""
             SELECT step, AVG(CASE WHEN json_extract(meta, '$.correct') THEN 1.0 ELSE 0.0 END)
-            FROM rollouts WHERE json_type(meta, '$.correct') IN ('true', 'false') AND json_extract(meta, '$.guided') IS NULL
+            FROM rollouts WHERE json_type(meta, '$.correct') IN ('true', 'false') AND {_SAMPLED}
             GROUP BY step ORDER BY step
         """
         with self._lock:

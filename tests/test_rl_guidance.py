@@ -144,14 +144,17 @@ def test_a_guidance_key_typo_names_the_key(start, tmp_path):
         validate_recipe(raw)
 
 
-def test_the_rollout_accuracy_curve_counts_the_policys_samples_only(tmp_path):
+def test_the_rollout_curves_count_the_policys_samples_only(tmp_path):
     from rollout.store import RolloutRow
 
     def row(i, correct, guided=False):
         return RolloutRow(run="r", stage="rl", step=0, policy_version=0, group_id="g", sample_index=i, record_id="x", task="arith",
-                          prompt=[], response="1", response_tokens=1, total_reward=float(correct),
+                          prompt=[], response="1", response_tokens=9 if guided else 1, total_reward=float(correct),
                           meta={"correct": correct, **({"guided": True} if guided else {})})
 
     with RolloutStore(tmp_path / "s.sqlite") as store:
         store.append([row(0, False), row(1, True), row(2, True, guided=True)])
         assert store.correct_share_by_step() == {0: 0.5}
+        (summary,) = store.step_summaries()
+    assert (summary.n, summary.guided, summary.reward_mean, summary.reward_max) == (2, 1, 0.5, 1.0)  # the step's curves: the policy's samples
+    assert summary.length_mean == 1.0  # the reference's 9 tokens are not the policy's

@@ -93,3 +93,35 @@ def test_resume_with_every_term_on_replays_exactly(start, tmp_path, monkeypatch)
         r1 = sorted((r.step, r.group_id, r.sample_index, r.response, r.advantage) for r in s1.query(limit=1000))
         r2 = sorted((r.step, r.group_id, r.sample_index, r.response, r.advantage) for r in s2.query(limit=1000))
     assert r1 == r2
+
+
+def test_the_anchor_alone_runs_the_reference_on_perception_rows_only(start, tmp_path, monkeypatch):
+    """With no KL term the anchor is the reference's only reader: the reference forward
+    gets the perception rows alone, and the run comes out as with every row computed (to
+    float noise: other rows beside them pad the forward differently, ~1e-6 in a logprob)."""
+    from rlhf import stage as stage_mod
+    from rlhf.workers import ReferenceWorker
+
+    data, ckpt = start
+    algo = {"perception_anchor": {"kl_coef": 0.2}}
+    seen: list[int] = []
+    full_logprobs = ReferenceWorker.logprobs
+
+    def counting(self, batch):
+        seen.append(batch.rows)
+        return full_logprobs(self, batch)
+
+    monkeypatch.setattr(ReferenceWorker, "logprobs", counting)
+    subset = _run(rl_recipe(tmp_path / "subset", data, ckpt, **BASE, algo=algo))
+    rows_per_step = [m["batch/rows"] for m in read_metrics(subset / "metrics.jsonl")]
+    assert len(seen) == len(rows_per_step) and all(0 < s < b for s, b in zip(seen, rows_per_step))  # some rows, never all
+
+    seen.clear()
+    monkeypatch.setattr(stage_mod.Controller, "_reference_logprobs", lambda self, batch, perception: self.reference.logprobs(batch))
+    full = _run(rl_recipe(tmp_path / "full", data, ckpt, **BASE, algo=algo))
+    assert seen == rows_per_step
+    a, b = _weights(subset / "checkpoint"), _weights(full / "checkpoint")
+    assert all(torch.allclose(a[k], b[k], atol=1e-4) for k in a)  # 3 AdamW steps at lr 1e-3 move weights ~3e-3
+    pkl = [m["actor/perception_kl"] for m in read_metrics(subset / "metrics.jsonl")]
+    assert pkl == pytest.approx([m["actor/perception_kl"] for m in read_metrics(full / "metrics.jsonl")], abs=1e-5)
+    assert max(pkl) > 0  # the anchor read the reference

@@ -8,9 +8,9 @@ that such prompts carry a signal: the reference, scored like any sample, gets a 
 advantage against the wrong samples and a negative one drags them down.
 
 The reference enters the loss with the trainer's own logprobs as its "old" ones (ratio 1
-on the first pass), which is LUFFY's on-policy approximation without its shaping
-function: on one mini-batch its gradient is the advantage times the gradient of its
-log-likelihood, an advantage-weighted SFT term. It was not sampled, so it carries no
+on the first pass): on one mini-batch its gradient is the advantage times the gradient of
+its log-likelihood, an advantage-weighted SFT term. `shaping` replaces that with LUFFY's
+shaping function (rlhf/losses.py, `shaped_guide_loss`). It was not sampled, so it carries no
 sampling logprobs (NaN in the batch: the mismatch metrics skip it, and guidance refuses
 the mismatch correction, vlrl/rl_config.py).
 """

@@ -149,6 +149,22 @@ def _pg_loss(old_logprobs, logprobs, advantages, mask, cfg: RLAlgoConfig, is_wei
     return loss, metrics
 
 
+def shaped_guide_loss(
+    logprobs: torch.Tensor,  # (B, T) current policy, with grad
+    advantages: torch.Tensor,  # (B, T)
+    gamma: float,
+) -> torch.Tensor:
+    """LUFFY's policy shaping (Yan et al. 2025) for tokens the policy did not sample: the
+    per-token loss -A f(pi) with f(pi) = pi / (pi + gamma), pi = exp(logp) -> (B, T).
+
+    Its gradient is -A gamma pi / (pi + gamma)^2 grad log pi: largest where pi ~ gamma,
+    small for tokens the policy already writes (pi ~ 1) and for ones it cannot yet (pi ~ 0).
+    The unshaped reference (ratio 1) weights every token's grad log pi by A alike; shaping
+    puts the update on the reference's uncertain tokens (in our tasks, its read values)."""
+    p = logprobs.exp()
+    return -advantages.detach() * p / (p + gamma)
+
+
 def token_entropy(logits: torch.Tensor) -> torch.Tensor:
     """Entropy of the next-token distribution per position: (B, T, V) -> (B, T)."""
     return verl_F.entropy_from_logits(logits.float())
@@ -188,16 +204,29 @@ def actor_loss(
     norm: LossNorm | None = None,
     anchor_rows: torch.Tensor | None = None,  # (B,) 1 on perception rows (rlhf.perception.anchor_rows)
     anchor_norm: LossNorm | None = None,  # denominators of the anchor's (perception) tokens in the mini-batch
+    guide_rows: torch.Tensor | None = None,  # (B,) 1 on reference solutions that guidance added (rlhf/guidance.py)
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """pg loss + kl_coef * KL(policy || ref) + anchor_coef * KL_perception(policy || ref)
     - entropy_coef * entropy -> (loss, metrics).
 
     The perception anchor (cfg.perception_anchor) is the same KL restricted to the rows of
     perception prompts and normalised over their tokens, so its size does not shrink with
-    the perception share. Sequences rejected by the mismatch correction leave the KL,
-    anchor and entropy terms too."""
+    the perception share. With `cfg.guidance.shaping` and `guide_rows`, the reference rows
+    leave the pg loss for LUFFY's shaped term, aggregated over the same denominators, so
+    the two add up to one loss over all rows. Sequences rejected by the mismatch
+    correction leave the KL, anchor and entropy terms too."""
     mask, is_weights, metrics = _correct(old_logprobs, rollout_logprobs, response_mask, cfg, rollout_is_weights)
-    loss, pg_metrics = _pg_loss(old_logprobs, logprobs, advantages, mask, cfg, is_weights, norm)
+    gamma = cfg.guidance.shaping
+    shaped = gamma is not None and guide_rows is not None and bool(guide_rows.any())
+    if shaped:
+        norm = norm or LossNorm.of(mask)  # one set of denominators for both parts
+        guide_mask = mask * guide_rows.to(mask.dtype)[:, None]  # (B, T)
+        loss, pg_metrics = _pg_loss(old_logprobs, logprobs, advantages, mask - guide_mask, cfg, is_weights, norm)
+        guide = aggregate(shaped_guide_loss(logprobs, advantages, gamma), guide_mask, cfg.loss.agg_mode, norm, cfg.loss.loss_scale_factor)
+        loss = loss + guide
+        pg_metrics["actor/guide_loss"] = float(guide.detach())
+    else:
+        loss, pg_metrics = _pg_loss(old_logprobs, logprobs, advantages, mask, cfg, is_weights, norm)
     metrics.update(pg_metrics)
     if kl_coef > 0:
         if ref_logprobs is None:

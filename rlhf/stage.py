@@ -266,6 +266,8 @@ class Controller:
         if learn:
             with timer("train"):
                 extra_kw = {"perception_rows": perception} if anchored else {}
+                if cfg.algo.guidance.shaping is not None:
+                    extra_kw["guide_rows"] = torch.tensor([float(c is g.guide) for g, c, _ in rows])  # (B,)
                 train.update(
                     self.trainer.update(batch, adv, ref_logprobs=ref, kl_coef=self.kl_coef, lr=lr_at(s, cfg.steps, cfg.optim), step=s, **extra_kw)
                 )

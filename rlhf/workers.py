@@ -191,6 +191,7 @@ class PolicyTrainer:
         lr: float,
         step: int,
         perception_rows: torch.Tensor | None = None,  # (B,) 1 on perception prompts (the anchor KL's rows)
+        guide_rows: torch.Tensor | None = None,  # (B,) 1 on reference solutions guidance added (shaped when algo.guidance.shaping)
     ) -> dict[str, float]:
         """Epochs x mini-batches of optimizer steps on one RL step's batch -> metrics."""
         t0 = time.perf_counter()
@@ -239,6 +240,7 @@ class PolicyTrainer:
                     norm=norm,
                     anchor_rows=perception_rows[rows].to(logp.device) if anchor_mb else None,
                     anchor_norm=anchor_norm,
+                    guide_rows=None if guide_rows is None else guide_rows[rows].to(logp.device),
                 )
                 if self.ranks.world > 1:
                     from rlhf.fsdp import keep_grads_defined

@@ -158,3 +158,63 @@ def test_the_rollout_curves_count_the_policys_samples_only(tmp_path):
         (summary,) = store.step_summaries()
     assert (summary.n, summary.guided, summary.reward_mean, summary.reward_max) == (2, 1, 0.5, 1.0)  # the step's curves: the policy's samples
     assert summary.length_mean == 1.0  # the reference's 9 tokens are not the policy's
+
+
+def test_shaping_is_luffys_function_and_its_gradient():
+    from rlhf.losses import shaped_guide_loss
+
+    logp = torch.log(torch.tensor([[0.9, 0.1, 0.01]])).requires_grad_()
+    adv = torch.tensor([[2.0, 2.0, 2.0]])
+    gamma = 0.1
+    loss = shaped_guide_loss(logp, adv, gamma)
+    p = logp.detach().exp()
+    assert torch.allclose(loss, -2.0 * p / (p + gamma))
+    loss.sum().backward()
+    assert torch.allclose(logp.grad, -2.0 * gamma * p / (p + gamma) ** 2)  # d/dlogp of -A p/(p+g)
+    assert logp.grad.abs().argmax().item() == 1  # the token at pi = gamma moves most
+
+
+def _batch(rows=4, width=5, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    logp = (-torch.rand(rows, width, generator=g) * 3).requires_grad_()
+    adv = torch.randn(rows, 1, generator=g).expand(rows, width).clone()
+    mask = torch.ones(rows, width)
+    mask[0, 3:] = 0
+    mask[2, 1:] = 0
+    return logp, adv, mask
+
+
+def test_shaped_reference_rows_leave_the_pg_loss_and_share_its_denominator():
+    from rlhf.agg import LossNorm
+    from rlhf.losses import actor_loss
+
+    logp, adv, mask = _batch()
+    guide = torch.tensor([0.0, 1.0, 0.0, 1.0])
+    plain = RLAlgoConfig.model_validate({"guidance": {"enabled": True}})
+    shaped = RLAlgoConfig.model_validate({"guidance": {"enabled": True, "shaping": 0.1}})
+    old = logp.detach()
+    base, _ = actor_loss(logp, old, adv, mask, plain, guide_rows=guide)  # no shaping: the guide rows are ordinary rows
+    assert torch.allclose(base, actor_loss(logp, old, adv, mask, plain)[0])
+    assert torch.allclose(actor_loss(logp, old, adv, mask, shaped, guide_rows=torch.zeros(4))[0], base)  # no reference row: unchanged
+    loss, m = actor_loss(logp, old, adv, mask, shaped, guide_rows=guide)
+    n = mask.sum()  # token-mean over every row's tokens, both parts
+    sampled, gm = mask * (1 - guide)[:, None], mask * guide[:, None]
+    p = old.exp()
+    want = ((-adv * sampled).sum() + (-adv * p / (p + 0.1) * gm).sum()) / n  # ratio 1 on the sampled rows
+    assert torch.allclose(loss, want, atol=1e-6)
+    assert m["actor/guide_loss"] == pytest.approx(float((-adv * p / (p + 0.1) * gm).sum() / n), abs=1e-6)
+    # micro-batches with the mini-batch's denominators add up to the whole
+    norm = LossNorm.of(mask)
+    parts = sum(actor_loss(logp[i:i + 2], old[i:i + 2], adv[i:i + 2], mask[i:i + 2], shaped, guide_rows=guide[i:i + 2], norm=norm)[0] for i in (0, 2))
+    assert torch.allclose(parts, loss, atol=1e-6)
+
+
+def test_a_shaped_run_trains_differently_and_logs_the_guide_loss(start, tmp_path):
+    data, ckpt = start
+    unshaped = _run(rl_recipe(tmp_path / "u", data, ckpt, steps=2, algo={"guidance": {"enabled": True, "when": "always"}}))
+    shaped = _run(rl_recipe(tmp_path / "s", data, ckpt, steps=2, algo={"guidance": {"enabled": True, "when": "always", "shaping": 0.1}}))
+    a, b = _weights(unshaped / "checkpoint"), _weights(shaped / "checkpoint")
+    assert any(not torch.equal(a[k], b[k]) for k in a)
+    metrics = read_metrics(shaped / "metrics.jsonl")
+    assert all(m["actor/guide_loss"] != 0 for m in metrics) and "actor/guide_loss" not in read_metrics(unshaped / "metrics.jsonl")[0]
+    assert undocumented(metrics) == []

@@ -222,6 +222,11 @@ class GuidanceConfig(_Strict):
 
     enabled: bool = False
     when: Literal["all_wrong", "always"] = Field("all_wrong", description="which groups get the reference: those with no right sample, or every group")
+    shaping: float | None = Field(
+        None, gt=0,
+        description="LUFFY's policy shaping gamma: the reference's tokens enter the loss as -A pi/(pi + gamma) (unclipped) instead of "
+        "PPO-clip at ratio 1; null = ratio 1, an advantage-weighted SFT term (LUFFY uses 0.1)",
+    )
 
 
 class RLAlgoConfig(_Strict):

@@ -157,10 +157,12 @@ def shaped_guide_loss(
     """LUFFY's policy shaping (Yan et al. 2025) for tokens the policy did not sample: the
     per-token loss -A f(pi) with f(pi) = pi / (pi + gamma), pi = exp(logp) -> (B, T).
 
-    Its gradient is -A gamma pi / (pi + gamma)^2 grad log pi: largest where pi ~ gamma,
-    small for tokens the policy already writes (pi ~ 1) and for ones it cannot yet (pi ~ 0).
-    The unshaped reference (ratio 1) weights every token's grad log pi by A alike; shaping
-    puts the update on the reference's uncertain tokens (in our tasks, its read values)."""
+    Its gradient is -A gamma pi / (pi + gamma)^2 grad log pi: largest where pi ~ gamma (a
+    quarter of A there), small for tokens the policy already writes (pi ~ 1) and for ones
+    it cannot yet (pi ~ 0). LUFFY shapes a ratio against pi_old = 1, whose gradient
+    pi grad log pi vanishes on unlikely tokens, and shaping lifts those; against our
+    unshaped reference (ratio 1: A grad log pi on every token) it only shrinks the update
+    (docs/rl-stage.md measures what that costs)."""
     p = logprobs.exp()
     return -advantages.detach() * p / (p + gamma)
 

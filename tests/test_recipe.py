@@ -374,3 +374,28 @@ def test_hybrid_recipe_reuses_the_tiny_runs_stages():
     raw = _raw()
     as_tiny = validate_recipe({**raw, "stages": {**raw["stages"], "rl": raw_h}})
     assert as_tiny.stage_fingerprint("rl") == tiny.stage_fingerprint("rl")
+
+
+def test_guided_recipe_is_the_tiny_runs_stages_and_its_rl_with_five_changes():
+    """tiny-guided.yaml reuses a tiny run's SFT checkpoint, so every stage before its RL
+    stage must be tiny.yaml's; its RL stage is tiny's with exactly the changes its header
+    names (guidance in every group, the tower trained at 3x, 500 steps and their schedule,
+    perception at 15% of the prompts)."""
+    tiny = load_recipe(TINY)
+    guided = load_recipe(ROOT / "recipes" / "tiny-guided.yaml")
+    before = [n for n in guided.stages if n != "rl_guided"]
+    assert before and all(n in tiny.stages for n in before)
+    assert {n: guided.stage_fingerprint(n) for n in before} == {n: tiny.stage_fingerprint(n) for n in before}
+    raw_g = yaml.safe_load((ROOT / "recipes" / "tiny-guided.yaml").read_text())["stages"]["rl_guided"]
+    assert raw_g["algo"].pop("guidance") == {"enabled": True, "when": "always"}
+    assert raw_g["optim"].pop("lr_mult") == {"vision": 3.0, "projector": 3.0}
+    assert (raw_g["trainable"], raw_g["steps"]) == ("all", 500)
+    raw_g.update(trainable="language", steps=150)
+    assert raw_g["curriculum"]["schedule"][1] == {"from_step": 250, "difficulty": [1, 3]}
+    raw_g["curriculum"]["schedule"][1]["from_step"] = 75
+    assert raw_g["curriculum"]["perception_share"] == 0.15
+    raw_g["curriculum"]["perception_share"] = 0.3
+    raw_g.pop("kind")
+    raw = _raw()
+    as_tiny = validate_recipe({**raw, "stages": {**raw["stages"], "rl": raw_g}})
+    assert as_tiny.stage_fingerprint("rl") == tiny.stage_fingerprint("rl")

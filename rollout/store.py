@@ -442,19 +442,22 @@ class RolloutStore:
             wanted = sorted(set(int(s) for s in steps))
             if not wanted:
                 return []
-            cond, params = f"AND step IN ({', '.join('?' * len(wanted))})", tuple(wanted)
+            cond, params = f"WHERE step IN ({', '.join('?' * len(wanted))})", tuple(wanted)
         with self._lock, self._tx():
             cols = self._component_columns()
             names = sorted(cols)
             comp_avgs = "".join(f", AVG({cols[n]})" for n in names)
+            # One scan, grouped by step and by whether the row was sampled: the sampled
+            # group gives the summary, the other only its count.
             sql = f"""
-                SELECT step, COUNT(*), COUNT(DISTINCT group_id), MIN(policy_version), MAX(policy_version),
+                SELECT step, {_SAMPLED} AS sampled, COUNT(*), COUNT(DISTINCT group_id), MIN(policy_version), MAX(policy_version),
                        AVG(total_reward), MIN(total_reward), MAX(total_reward), AVG(advantage), AVG(response_tokens),
                        SUM(status = 'truncated'), SUM(status = 'error'), MIN(timestamp), MAX(timestamp){comp_avgs}
-                FROM rollouts WHERE {_SAMPLED} {cond} GROUP BY step ORDER BY step
+                FROM rollouts {cond} GROUP BY step, sampled ORDER BY step
             """
-            base = self._db.execute(sql, params).fetchall()
-            guided = dict(self._db.execute(f"SELECT step, COUNT(*) FROM rollouts WHERE NOT {_SAMPLED} {cond} GROUP BY step", params))
+            parts = self._db.execute(sql, params).fetchall()
+        base = [r[:1] + r[2:] for r in parts if r[1]]
+        guided = {r[0]: r[2] for r in parts if not r[1]}
         out = []
         for s, n, ng, vmin, vmax, rm, rlo, rhi, am, lm, tr, er, t0, t1, *means in base:
             out.append(

@@ -123,3 +123,16 @@ def test_a_parquet_file_without_rows_is_an_error(tmp_path):
     write_records(tmp_path / "eval.parquet", [])
     with pytest.raises(DataError, match=r"eval\.parquet: no records \(empty\)"):
         RecordDataset(tmp_path / "eval.parquet")
+
+
+def test_records_is_read_once_not_rebuilt_per_access(data):
+    """The RL controller indexes `records` per group several times a step; a list rebuilt
+    on each read made every index O(dataset) (about 13% of a step on 20,000 prompts)."""
+    from vlrl.data.images import RecordDatasets
+
+    ds = RecordDataset(data / "train.jsonl")
+    assert ds.records is ds.records
+    assert [r.id for r in ds.records] == [r.id for r in load_records(data / "train.jsonl")]
+    both = RecordDatasets([ds, RecordDataset(data / "train.jsonl")])
+    assert both.records is both.records and len(both.records) == 2 * len(ds)
+    assert both.records[len(ds)].id == ds.records[0].id

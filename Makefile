@@ -21,7 +21,7 @@ CHROMIUM ?= /usr/bin/chromium
 VLLM_VENV  ?= .venv-vllm
 VLLM_STAMP := $(VLLM_VENV)/.vlrl-installed
 
-.PHONY: install browser demo test test-main test-vllm test-slow test-gpu gpu-check bench bench-rl clean-runs
+.PHONY: install browser demo demo-guided test test-main test-vllm test-slow test-gpu gpu-check bench bench-rl clean-runs
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -48,6 +48,10 @@ browser:
 
 demo: $(STAMP)
 	$(VENV)/bin/vlrl run recipes/tiny.yaml
+
+# The tiny recipe's pretraining and SFT, then GRPO with guidance and the tower trained (issue 5's RL).
+demo-guided: $(STAMP)
+	$(VENV)/bin/vlrl run recipes/tiny-guided.yaml
 
 # The fast suite in .venv, then the vLLM engine's contract in .venv-vllm.
 test: test-main test-vllm

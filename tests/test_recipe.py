@@ -376,11 +376,12 @@ def test_hybrid_recipe_reuses_the_tiny_runs_stages():
     assert as_tiny.stage_fingerprint("rl") == tiny.stage_fingerprint("rl")
 
 
-def test_guided_recipe_is_the_tiny_runs_stages_and_its_rl_with_five_changes():
+def test_guided_recipe_is_the_tiny_runs_stages_and_its_rl_with_named_changes():
     """tiny-guided.yaml reuses a tiny run's SFT checkpoint, so every stage before its RL
     stage must be tiny.yaml's; its RL stage is tiny's with exactly the changes its header
-    names (guidance in every group, the tower trained at 3x, 500 steps and their schedule,
-    perception at 15% of the prompts)."""
+    names (guidance in every group, the tower trained at 3x, the steps and their schedule,
+    perception at 15% of the prompts, 2 samples for each of 72 prompts in one generation
+    round, a held-out point every 100 steps)."""
     tiny = load_recipe(TINY)
     guided = load_recipe(ROOT / "recipes" / "tiny-guided.yaml")
     before = [n for n in guided.stages if n != "rl_guided"]
@@ -389,12 +390,18 @@ def test_guided_recipe_is_the_tiny_runs_stages_and_its_rl_with_five_changes():
     raw_g = yaml.safe_load((ROOT / "recipes" / "tiny-guided.yaml").read_text())["stages"]["rl_guided"]
     assert raw_g["algo"].pop("guidance") == {"enabled": True, "when": "always"}
     assert raw_g["optim"].pop("lr_mult") == {"vision": 3.0, "projector": 3.0}
-    assert (raw_g["trainable"], raw_g["steps"]) == ("all", 500)
+    assert (raw_g["trainable"], raw_g["steps"]) == ("all", 450)
     raw_g.update(trainable="language", steps=150)
-    assert raw_g["curriculum"]["schedule"][1] == {"from_step": 250, "difficulty": [1, 3]}
+    assert raw_g["curriculum"]["schedule"][1] == {"from_step": 225, "difficulty": [1, 3]}
     raw_g["curriculum"]["schedule"][1]["from_step"] = 75
     assert raw_g["curriculum"]["perception_share"] == 0.15
     raw_g["curriculum"]["perception_share"] = 0.3
+    assert (raw_g["rollout"]["n"], raw_g["rollout"]["prompts_per_step"]) == (2, 72)
+    raw_g["rollout"].update(n=8, prompts_per_step=16)
+    assert raw_g["algo"]["dynamic_sampling"]["max_rounds"] == 1
+    raw_g["algo"]["dynamic_sampling"]["max_rounds"] = 2
+    assert raw_g["eval_every"] == 100
+    raw_g["eval_every"] = 50
     raw_g.pop("kind")
     raw = _raw()
     as_tiny = validate_recipe({**raw, "stages": {**raw["stages"], "rl": raw_g}})

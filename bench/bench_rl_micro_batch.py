@@ -32,7 +32,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from rlhf.batch import build_policy_batch  # noqa: E402
-from rlhf.guidance import reference_completion  # noqa: E402
+from rlhf.guidance import end_of_turn_id, reference_completion  # noqa: E402
 from rlhf.workers import PolicyTrainer  # noqa: E402
 from rollout.engine import GenerationRequest, SamplingParams  # noqa: E402
 from rollout.hf_engine import HFEngine  # noqa: E402
@@ -64,7 +64,7 @@ def main() -> None:
     params = SamplingParams(n=args.n, temperature=1.0, max_new_tokens=64, seed=0)
     sampled = HFEngine(model, processor).generate(requests, params)
     del model
-    stop = processor.tokenizer.convert_tokens_to_ids("<|im_end|>")
+    stop = end_of_turn_id(processor)  # what the RL stage ends its references with
     prompt_of, rows = [], []
     for k, (i, comps) in enumerate(zip(idx, sampled)):
         ref = reference_completion(
